@@ -1,0 +1,11 @@
+"""chipprune: CHIP (CHannel Independence-based Pruning, Sui et al., NeurIPS 2021) for PyTorch CNNs."""
+
+__version__ = "0.1.0"
+
+from .ci import channel_independence  # noqa: E402
+from .modelfile import ModelFile, import_weights, load_model  # noqa: E402
+from .models import ARCHS, create_model  # noqa: E402
+from .surgery import prune, select_channels  # noqa: E402
+
+__all__ = ["ARCHS", "ModelFile", "channel_independence", "create_model", "import_weights", "load_model", "prune",
+           "select_channels", "__version__"]

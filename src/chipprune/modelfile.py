@@ -1,0 +1,139 @@
+"""The self-describing model file, and conversion of third-party checkpoints into it.
+
+A model file is a plain dict of strings, numbers, lists and tensors, so `torch.load(path, weights_only=True)`
+reads it and no checkpoint can run code:
+    format, arch, widths (conv name -> output channels), num_classes, mean, std, classes, meta, state_dict
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .fileio import save_torch
+from .models import create_model, get_arch
+from .models.resnet_cifar import ChannelShortcut
+
+FORMAT = "chipprune-model/1"
+NORMALIZATIONS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # as in the HRank/CHIP code
+}
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class ModelFileError(ValueError):
+    """A model or weights file that cannot be used as asked."""
+
+
+@dataclass
+class ModelFile:
+    """A registry model with what it needs to be used: normalization, class names, history."""
+
+    arch: str
+    model: nn.Module
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: a crash leaves the old file or the new one, never half of one."""
+        payload = {
+            "format": FORMAT, "arch": self.arch, "widths": dict(self.model.widths),
+            "num_classes": len(self.classes), "mean": list(self.mean), "std": list(self.std),
+            "classes": list(self.classes), "meta": self.meta,
+            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+        }
+        save_torch(payload, path)
+
+
+def safe_load(path: str | os.PathLike) -> Any:
+    """torch.load that refuses anything but tensors and plain containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"{path}: cannot be read safely as a weights file ({first})") from None
+
+
+def load_model(path: str | os.PathLike) -> ModelFile:
+    """Read a model file written by ModelFile.save."""
+    d = safe_load(path)
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a chipprune model file (convert third-party weights with `chip import`)")
+    get_arch(d["arch"])
+    model = create_model(d["arch"], d["widths"], d["num_classes"])
+    _load_state(model, d["state_dict"], str(path))
+    return ModelFile(d["arch"], model, tuple(d["mean"]), tuple(d["std"]), list(d["classes"]), d.get("meta", {}))
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load weights, or raise one error listing every mismatched name and shape."""
+    ours = model.state_dict()
+    optional = {k for k in ours if k.endswith("num_batches_tracked") or _is_shortcut_map(model, k)}
+    problems = [f"missing {k}" for k in ours if k not in state and k not in optional]
+    problems += [f"unexpected {k}" for k in state if k not in ours]
+    problems += [f"{k}: shape {tuple(v.shape)} where the model has {tuple(ours[k].shape)}"
+                 for k, v in state.items() if k in ours and not _is_shortcut_map(model, k) and v.shape != ours[k].shape]
+    if problems:
+        shown = "; ".join(problems[:12]) + (f"; … ({len(problems)} in all)" if len(problems) > 12 else "")
+        raise ModelFileError(f"{source}: weights do not fit the architecture: {shown}")
+    model.load_state_dict(state, strict=False)
+
+
+def _is_shortcut_map(model: nn.Module, key: str) -> bool:
+    """Whether a state key is a shortcut's channel map: structure, which older checkpoints lack."""
+    owner = key.rpartition(".")[0]
+    return isinstance(model.get_submodule(owner), ChannelShortcut) if owner else False
+
+
+def parse_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """`imagenet`, `cifar`, or `m1,m2,m3:s1,s2,s3`."""
+    if text in NORMALIZATIONS:
+        return NORMALIZATIONS[text]
+    try:
+        mean, std = (tuple(float(v) for v in part.split(",")) for part in text.split(":"))
+    except ValueError:
+        raise ModelFileError(f"normalization must be imagenet, cifar or m1,m2,m3:s1,s2,s3, got {text!r}") from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ModelFileError(f"normalization needs 3 means and 3 positive stds, got {text!r}")
+    return mean, std
+
+
+def import_weights(arch: str, weights: str | os.PathLike, normalize: str = "imagenet",
+                   classes: list[str] | None = None) -> ModelFile:
+    """A model file from a third-party checkpoint: plain state_dict, or a dict holding `state_dict`.
+
+    Accepts the `module.` prefix of DataParallel, the head named `linear` (public CIFAR ResNets) or `fc`
+    (CHIP/HRank, torchvision), and pruned widths, read from the conv weights' shapes."""
+    mean, std = parse_normalization(normalize)
+    ckpt = safe_load(weights)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ModelFileError(f"{weights}: expected a state_dict of tensors, or a dict holding one under 'state_dict'")
+    state = {_rename(k): v for k, v in state.items()}
+    full = create_model(arch)
+    widths = {conv: int(state[f"{conv}.weight"].shape[0]) if f"{conv}.weight" in state else c
+              for conv, c in full.widths.items()}  # type: ignore[union-attr, operator]
+    head = state.get("fc.weight", state.get("classifier.linear2.weight"))
+    num_classes = int(head.shape[0]) if head is not None else get_arch(arch).num_classes
+    model = create_model(arch, widths, num_classes)
+    _load_state(model, state, str(weights))
+    if classes is None:
+        classes = CIFAR10_CLASSES if num_classes == 10 else [f"class_{i}" for i in range(num_classes)]
+    return ModelFile(arch, model, mean, std, classes, {"imported_from": Path(weights).name})
+
+
+def _rename(key: str) -> str:
+    """A third-party parameter name in our naming."""
+    key = key.removeprefix("module.")
+    return "fc." + key.removeprefix("linear.") if key.startswith("linear.") else key

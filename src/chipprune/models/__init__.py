@@ -1,0 +1,77 @@
+"""The architecture registry: the paper's networks, by name, at full or pruned width."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+from torch import nn
+
+from . import resnet50, resnet_cifar, vgg
+from .common import ChannelLayer
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How to build one architecture and read the paper's sparsity lists for it."""
+
+    build: Callable[..., nn.Module]  # (widths: dict[str, int] | None, num_classes: int) -> model
+    widths_for_rates: Callable[[list[float]], dict[str, int]]
+    num_rates: int
+    rate_layout: str  # what the rates mean, for error messages and docs
+    input_size: int
+    num_classes: int
+    presets: dict[str, str] = field(default_factory=dict)
+
+
+def _cifar_resnet(depth: int, presets: dict[str, str] | None = None) -> Arch:
+    n = (depth - 2) // 6
+    return Arch(partial(resnet_cifar.ResNetCifar, depth), partial(resnet_cifar.widths_for_rates, depth),
+                3 + 3 * n, f"[stem] + [stage-1, stage-2 outputs] + [{3 * n} block inner rates]", 32, 10,
+                presets or {})
+
+
+ARCHS: dict[str, Arch] = {
+    "resnet20": _cifar_resnet(20),
+    "resnet32": _cifar_resnet(32),
+    "resnet44": _cifar_resnet(44),
+    "resnet56": _cifar_resnet(56, {
+        "paper-1": "[0.]+[0.15]*2+[0.4]*27",
+        "paper-2": "[0.]+[0.4]*2+[0.5]*9+[0.6]*9+[0.7]*9",
+    }),
+    "resnet110": _cifar_resnet(110, {
+        "paper-1": "[0.]+[0.2]*2+[0.3]*18+[0.35]*36",
+        "paper-2": "[0.]+[0.22]*2+[0.35]*18+[0.45]*36",
+        "paper-3": "[0.]+[0.4]*2+[0.5]*18+[0.65]*36",
+    }),
+    "vgg16_bn": Arch(vgg.VGG, vgg.widths_for_rates, vgg.NUM_RATES, "one rate for each of the first 12 convs",
+                     32, 10, {
+                         "paper-1": "[0.21]*7+[0.75]*5",
+                         "paper-2": "[0.3]*7+[0.75]*5",
+                         "paper-3": "[0.45]*7+[0.78]*5",
+                     }),
+    "resnet50": Arch(resnet50.ResNet50, resnet50.widths_for_rates, resnet50.NUM_RATES,
+                     "[stem] + [stage 1-3 outputs] + [16 block inner rates]", 224, 1000, {
+                         "paper-1": "[0.]+[0.1]*3+[0.35]*16",
+                         "paper-2": "[0.]+[0.12]*3+[0.38]*16",
+                         "paper-3": "[0.]+[0.25]*3+[0.5]*16",
+                         "paper-4": "[0.]+[0.5]*3+[0.6]*16",
+                     }),
+}
+
+
+def get_arch(name: str) -> Arch:
+    """The registry entry for `name`, or a ValueError listing the known ones."""
+    if name not in ARCHS:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+def create_model(name: str, widths: dict[str, int] | None = None, num_classes: int | None = None) -> nn.Module:
+    """A registry model at full width, or at the given per-conv output widths."""
+    arch = get_arch(name)
+    return arch.build(widths, num_classes or arch.num_classes)
+
+
+__all__ = ["ARCHS", "Arch", "ChannelLayer", "create_model", "get_arch"]

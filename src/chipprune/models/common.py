@@ -1,0 +1,36 @@
+"""What every registry architecture shares: its description of prunable layers and weight slicing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ChannelLayer:
+    """A prunable conv: its name, the module whose output is its post-activation map, its residual group."""
+
+    conv: str
+    act: str
+    group: str | None = None  # layers of one group are added together through identity shortcuts
+
+
+def paper_width(channels: int, rate: float) -> int:
+    """Channels kept at a pruning rate, with the paper's arithmetic (floor)."""
+    return int(channels * (1 - rate))
+
+
+@torch.no_grad()
+def take(dst: nn.Module, src: nn.Module, out: Tensor | None = None, inp: Tensor | None = None) -> None:
+    """Copy src's parameters and buffers into dst, keeping output channels `out` and input channels `inp`."""
+    for (name, d), s in zip(dst.state_dict().items(), src.state_dict().values(), strict=True):
+        if s.dim() == 0:  # BatchNorm's num_batches_tracked
+            d.copy_(s)
+            continue
+        if out is not None:
+            s = s.index_select(0, out)
+        if inp is not None and s.dim() > 1 and name == "weight":
+            s = s.index_select(1, inp)
+        d.copy_(s)

@@ -1,0 +1,177 @@
+"""CIFAR ResNets of depth 6n+2 (He et al. 2016): BasicBlocks and the option-A zero-padding shortcut."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .common import ChannelLayer, paper_width, take
+
+STAGE_CHANNELS = (16, 32, 64)
+
+
+class ChannelShortcut(nn.Module):
+    """Option-A shortcut: subsample by `stride`, put input channel src[k] at output channel dst[k], zeros elsewhere.
+
+    A module of its own (not F.pad in a lambda) so that pruning can re-map channels and dependency
+    tracers see an ordinary module."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.out_channels, self.stride = out_channels, stride
+        self.register_buffer("src", torch.empty(0, dtype=torch.long))
+        self.register_buffer("dst", torch.empty(0, dtype=torch.long))
+        self.set_map(*self.positional(in_channels, out_channels))
+
+    @staticmethod
+    def positional(in_channels: int, out_channels: int) -> tuple[Tensor, Tensor]:
+        """The map of F.pad on channels: centre the input, zero-padding or cropping both ends."""
+        front = (out_channels - in_channels) // 2
+        src = torch.arange(max(0, -front), min(in_channels, out_channels - front))
+        return src, src + front
+
+    def set_map(self, src: Tensor, dst: Tensor) -> None:
+        """Route input channels src to output channels dst."""
+        self.src, self.dst = src.long(), dst.long()
+        everything = torch.arange(self.out_channels, device=self.src.device)
+        self.identity = torch.equal(self.src, self.dst) and torch.equal(self.src, everything)
+
+    def restricted(self, inp: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """This map after keeping input channels `inp` and output channels `out` (indices into the old ones)."""
+        pos_in = {c: i for i, c in enumerate(inp.tolist())}
+        pos_out = {c: i for i, c in enumerate(out.tolist())}
+        pairs = [(pos_in[s], pos_out[d]) for s, d in zip(self.src.tolist(), self.dst.tolist(), strict=True)
+                 if s in pos_in and d in pos_out]
+        src, dst = zip(*pairs, strict=True) if pairs else ((), ())
+        return torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # A pruned model's maps differ in length from the freshly built ones: take the stored size.
+        for name in ("src", "dst"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.set_map(self.src, self.dst)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.identity and x.shape[1] == self.out_channels:
+            return x
+        n, _, h, w = x.shape
+        out = x.new_zeros(n, self.out_channels, h, w)
+        out[:, self.dst] = x[:, self.src]
+        return out
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU."""
+
+    def __init__(self, in_channels: int, mid: int, out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, mid, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(mid, out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out)
+        self.shortcut = ChannelShortcut(in_channels, out, stride)
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetCifar(nn.Module):
+    """ResNet-(6n+2) for 32×32 inputs; `widths` maps conv names to output channels (default: full width)."""
+
+    def __init__(self, depth: int, widths: dict[str, int] | None = None, num_classes: int = 10) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        self.depth, self.n = depth, (depth - 2) // 6
+        self.widths = full_widths(depth) | (widths or {})
+        w = self.widths
+        self.conv1 = nn.Conv2d(3, w["conv1"], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w["conv1"])
+        self.relu = nn.ReLU(inplace=True)
+        prev = "conv1"
+        for s in range(3):
+            blocks = []
+            for b in range(self.n):
+                name = f"layer{s + 1}.{b}"
+                stride = 2 if s > 0 and b == 0 else 1
+                blocks.append(BasicBlock(w[prev], w[f"{name}.conv1"], w[f"{name}.conv2"], stride))
+                prev = f"{name}.conv2"
+            self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(w[prev], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.avgpool(x).flatten(1))
+
+    def block_names(self) -> list[str]:
+        """Names of the blocks in forward order."""
+        return [f"layer{s + 1}.{b}" for s in range(3) for b in range(self.n)]
+
+    def channel_layers(self) -> list[ChannelLayer]:
+        """Prunable convs: the stem and every block's two convs; the stem adds into stage 1 through identities."""
+        layers = [ChannelLayer("conv1", "relu", "stage1")]
+        for name in self.block_names():
+            stage = name.split(".")[0].replace("layer", "stage")
+            layers += [ChannelLayer(f"{name}.conv1", f"{name}.relu1"),
+                       ChannelLayer(f"{name}.conv2", f"{name}.relu2", stage)]
+        return layers
+
+    def prune(self, keep: dict[str, Tensor], positional_shortcuts: bool = False) -> ResNetCifar:
+        """A smaller dense copy keeping, per conv, the output channels `keep[conv]` (sorted; missing = all).
+
+        Shortcuts either keep routing each surviving channel to the channel it fed before (aligned sums),
+        or, as the paper's code, pad or crop by position (`positional_shortcuts`)."""
+        full = {n: torch.arange(c) for n, c in self.widths.items()}
+        keep = full | keep
+        pruned = ResNetCifar(self.depth, {n: len(k) for n, k in keep.items()}, self.fc.out_features)
+        take(pruned.conv1, self.conv1, keep["conv1"])
+        take(pruned.bn1, self.bn1, keep["conv1"])
+        prev = "conv1"
+        for name in self.block_names():
+            old, new = self.get_submodule(name), pruned.get_submodule(name)
+            mid, out = keep[f"{name}.conv1"], keep[f"{name}.conv2"]
+            take(new.conv1, old.conv1, mid, keep[prev])
+            take(new.bn1, old.bn1, mid)
+            take(new.conv2, old.conv2, out, mid)
+            take(new.bn2, old.bn2, out)
+            if not positional_shortcuts:
+                new.shortcut.set_map(*old.shortcut.restricted(keep[prev], out))
+            prev = f"{name}.conv2"
+        take(pruned.fc, self.fc, None, keep[prev])
+        return pruned
+
+
+def full_widths(depth: int) -> dict[str, int]:
+    """Output channels of every conv at full width."""
+    n = (depth - 2) // 6
+    widths = {"conv1": 16}
+    for s, c in enumerate(STAGE_CHANNELS):
+        for b in range(n):
+            widths[f"layer{s + 1}.{b}.conv1"] = widths[f"layer{s + 1}.{b}.conv2"] = c
+    return widths
+
+
+def widths_for_rates(depth: int, rates: list[float]) -> dict[str, int]:
+    """The paper's configuration: [stem] + [stage-1, stage-2 outputs] + [one rate per block's inner conv]."""
+    n = (depth - 2) // 6
+    widths = {"conv1": paper_width(16, rates[0])}
+    stage_rates = (rates[1], rates[2], 0.0)  # the stage-3 output is never pruned
+    for s, c in enumerate(STAGE_CHANNELS):
+        for b in range(n):
+            widths[f"layer{s + 1}.{b}.conv1"] = paper_width(c, rates[3 + s * n + b])
+            widths[f"layer{s + 1}.{b}.conv2"] = paper_width(c, stage_rates[s])
+    return widths
+
+
+def num_rates(depth: int) -> int:
+    """How many rates a configuration of this depth takes."""
+    return 3 + 3 * (depth - 2) // 6

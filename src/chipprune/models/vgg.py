@@ -1,0 +1,75 @@
+"""VGG-16 with BatchNorm for 32×32 inputs, as in the HRank/CHIP code (same module names, so their weights load)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+from .common import ChannelLayer, paper_width, take
+
+CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+CONVS = tuple(f"features.conv{i}" for i, c in enumerate(CFG) if c != "M")
+
+
+class VGG(nn.Module):
+    """13 convs (each conv-BN-ReLU, max-pools between stages), 2×2 average pool, a two-layer BN classifier."""
+
+    def __init__(self, widths: dict[str, int] | None = None, num_classes: int = 10) -> None:
+        super().__init__()
+        self.widths = full_widths() | (widths or {})
+        features: OrderedDict[str, nn.Module] = OrderedDict()
+        in_channels = 3
+        for i, c in enumerate(CFG):
+            if c == "M":
+                features[f"pool{i}"] = nn.MaxPool2d(2, 2)
+                continue
+            out = self.widths[f"features.conv{i}"]
+            features[f"conv{i}"] = nn.Conv2d(in_channels, out, 3, padding=1)
+            features[f"norm{i}"] = nn.BatchNorm2d(out)
+            features[f"relu{i}"] = nn.ReLU(inplace=True)
+            in_channels = out
+        self.features = nn.Sequential(features)
+        self.avgpool = nn.AvgPool2d(2)
+        self.classifier = nn.Sequential(OrderedDict([
+            ("linear1", nn.Linear(in_channels, 512)),
+            ("norm1", nn.BatchNorm1d(512)),
+            ("relu1", nn.ReLU(inplace=True)),
+            ("linear2", nn.Linear(512, num_classes)),
+        ]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+    def channel_layers(self) -> list[ChannelLayer]:
+        """Prunable convs: all 13, each scored on its own ReLU's output."""
+        return [ChannelLayer(conv, conv.replace("conv", "relu")) for conv in CONVS]
+
+    def prune(self, keep: dict[str, Tensor], positional_shortcuts: bool = False) -> VGG:
+        """A smaller dense copy keeping, per conv, the output channels `keep[conv]` (sorted; missing = all)."""
+        keep = {n: torch.arange(c) for n, c in self.widths.items()} | keep
+        pruned = VGG({n: len(k) for n, k in keep.items()}, self.classifier.linear2.out_features)
+        prev = None
+        for conv in CONVS:
+            take(pruned.get_submodule(conv), self.get_submodule(conv), keep[conv], prev)
+            norm = conv.replace("conv", "norm")
+            take(pruned.get_submodule(norm), self.get_submodule(norm), keep[conv])
+            prev = keep[conv]
+        take(pruned.classifier.linear1, self.classifier.linear1, None, prev)
+        take(pruned.classifier.norm1, self.classifier.norm1)
+        take(pruned.classifier.linear2, self.classifier.linear2)
+        return pruned
+
+
+def full_widths() -> dict[str, int]:
+    """Output channels of every conv at full width."""
+    return {conv: c for conv, c in zip(CONVS, (c for c in CFG if c != "M"), strict=True)}
+
+
+def widths_for_rates(rates: list[float]) -> dict[str, int]:
+    """The paper's configuration: one rate for each of the first 12 convs; the 13th is never pruned."""
+    return {conv: paper_width(c, r) for (conv, c), r in zip(full_widths().items(), [*rates, 0.0], strict=True)}
+
+
+NUM_RATES = 12

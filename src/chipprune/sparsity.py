@@ -1,0 +1,73 @@
+"""The paper's sparsity lists: `[0.]+[0.15]*2+[0.4]*27`, plain `0,0.15,0.15`, or a named preset."""
+
+from __future__ import annotations
+
+import re
+
+from .models import get_arch
+
+_TERM = re.compile(r"\[\s*([^\[\]]*?)\s*\](?:\s*\*\s*(\d+))?")
+_NUMBER = re.compile(r"(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+class SparsityError(ValueError):
+    """A sparsity string that cannot be read, or does not fit the architecture."""
+
+
+def parse_rates(text: str) -> list[float]:
+    """Rates from `[a]*k+[b, c]+…` or `a,b,c` (no eval)."""
+    text = text.strip()
+    if not text:
+        raise SparsityError("empty sparsity")
+    if "[" not in text:
+        return [_number(t) for t in text.split(",")]
+    rates: list[float] = []
+    for term in text.split("+"):
+        m = _TERM.fullmatch(term.strip())
+        if not m:
+            raise SparsityError(f"cannot read {term.strip()!r} in {text!r}: expected [rate, …] or [rate]*count")
+        values = [_number(t) for t in m.group(1).split(",")]
+        rates += values * int(m.group(2) or 1)
+    return rates
+
+
+def _number(token: str) -> float:
+    token = token.strip()
+    if not _NUMBER.fullmatch(token):
+        raise SparsityError(f"not a rate: {token!r}")
+    return float(token)
+
+
+def resolve(arch_name: str, sparsity: str) -> list[float]:
+    """The rates for an architecture from a preset name or a sparsity string, checked for count and range."""
+    arch = get_arch(arch_name)
+    text = arch.presets.get(sparsity, sparsity)
+    rates = parse_rates(text)
+    if len(rates) != arch.num_rates:
+        presets = f"; presets: {', '.join(arch.presets)}" if arch.presets else ""
+        raise SparsityError(f"{arch_name} takes {arch.num_rates} rates ({arch.rate_layout}), "
+                            f"got {len(rates)}{presets}")
+    bad = [r for r in rates if not 0 <= r < 1]
+    if bad:
+        raise SparsityError(f"rates must be in [0, 1), got {bad[0]}")
+    return rates
+
+
+def widths(arch_name: str, sparsity: str) -> dict[str, int]:
+    """Per-conv output widths for an architecture at a sparsity; every conv keeps at least one channel."""
+    w = get_arch(arch_name).widths_for_rates(resolve(arch_name, sparsity))
+    empty = [name for name, c in w.items() if c < 1]
+    if empty:
+        raise SparsityError(f"sparsity leaves no channels in {empty[0]}")
+    return w
+
+
+def format_rates(rates: list[float]) -> str:
+    """The compact `[a]*k+[b]` form of a rate list."""
+    runs: list[tuple[float, int]] = []
+    for r in rates:
+        if runs and runs[-1][0] == r:
+            runs[-1] = (r, runs[-1][1] + 1)
+        else:
+            runs.append((r, 1))
+    return "+".join(f"[{r!r}]" + (f"*{k}" if k > 1 else "") for r, k in runs)

@@ -1,0 +1,60 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chipprune.models import ARCHS
+from chipprune.sparsity import SparsityError, format_rates, parse_rates, resolve, widths
+
+
+def test_paper_syntax_expands_runs():
+    assert parse_rates("[0.]+[0.15]*2+[0.4]*27") == [0.0, 0.15, 0.15] + [0.4] * 27
+
+
+def test_plain_list_and_bracket_lists():
+    assert parse_rates("0, 0.5,.25") == [0.0, 0.5, 0.25]
+    assert parse_rates("[0.1, 0.2]*2+[3e-1]") == [0.1, 0.2, 0.1, 0.2, 0.3]
+
+
+@pytest.mark.parametrize("text", ["", "[0.1", "[0.1]*", "[0.1]*x", "__import__('os')", "[0.1]+", "0.1;0.2",
+                                  "[a]", "[0.1]]", "[0.1]*2*3", "1,,2"])
+def test_malformed_strings_raise_our_error(text):
+    with pytest.raises(SparsityError):
+        parse_rates(text)
+
+
+@given(st.text(max_size=40))
+def test_parser_raises_nothing_but_its_own_error(text):
+    try:
+        rates = parse_rates(text)
+    except SparsityError:
+        return
+    assert all(isinstance(r, float) for r in rates)
+
+
+@given(st.lists(st.sampled_from([0.0, 0.1, 0.15, 0.4, 0.5, 0.75]), min_size=1, max_size=60))
+def test_format_round_trips(rates):
+    assert parse_rates(format_rates(rates)) == rates
+
+
+def test_presets_resolve_for_every_arch():
+    for name, arch in ARCHS.items():
+        for preset in arch.presets:
+            assert len(resolve(name, preset)) == arch.num_rates
+
+
+def test_wrong_count_names_the_expected_count():
+    with pytest.raises(SparsityError, match="resnet56 takes 30 rates"):
+        resolve("resnet56", "[0.]+[0.15]*2+[0.4]*26")
+    with pytest.raises(SparsityError, match="resnet110 takes 57 rates"):
+        resolve("resnet110", "[0.]*3")
+
+
+@pytest.mark.parametrize("bad", ["[1.0]*30", "[0.]*29+[1.5]"])
+def test_rates_outside_unit_interval(bad):
+    with pytest.raises(SparsityError, match=r"\[0, 1\)"):
+        resolve("resnet56", bad)
+
+
+def test_rates_that_leave_no_channels():
+    with pytest.raises(SparsityError, match="no channels"):
+        widths("resnet56", "[0.]+[0.]*2+[0.95]*27")
