@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,8 @@ def score_layers(model: nn.Module, layers: list[ChannelLayer], criterion: Criter
                  progress: bool = False) -> tuple[dict[str, Tensor], int]:
     """Mean per-channel scores of every layer's conv (keyed by conv name), and the images they came from."""
     if not isinstance(criterion, ActivationCriterion):
-        return {layer.conv: criterion.weight_scores(model.get_submodule(layer.conv)) for layer in layers}, 0
+        convs = {layer.conv: cast(nn.Conv2d, model.get_submodule(layer.conv)) for layer in layers}
+        return {name: criterion.weight_scores(conv) for name, conv in convs.items()}, 0
     sums: dict[str, Tensor] = {}
 
     def hook(name: str):  # type: ignore[no-untyped-def]

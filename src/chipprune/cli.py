@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_profile)
 
     p = sub.add_parser("import", help="convert third-party weights into a chipprune model file", formatter_class=fmt)
-    p.add_argument("--arch", required=True, choices=list(ARCHS))
+    p.add_argument("--arch", required=True, choices=list(ARCHS), help="the architecture the weights are for")
     p.add_argument("--weights", required=True, help="a state_dict, or a dict holding one under 'state_dict'")
     p.add_argument("--out", required=True, help="the model file to write")
     p.add_argument("--normalize", default="imagenet",
@@ -90,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="top-1/top-5 accuracy on a data split", formatter_class=fmt)
     p.add_argument("model", help="a chipprune model file")
     p.add_argument("--data", required=True, help="dataset source (see README: CIFAR archive, image folder, tarball)")
-    p.add_argument("--split", default="test", choices=("test", "val", "train"))
-    p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--split", default="test", choices=("test", "val", "train"), help="which split")
+    p.add_argument("--batch-size", type=_positive, default=256, help="images per forward pass")
     p.add_argument("--limit", type=_positive, help="evaluate only the first N images")
     p.add_argument("--workers", type=int, default=0, help="loader processes for large images")
-    p.add_argument("--device", default=_default_device())
+    p.add_argument("--device", default=_default_device(), help="torch device")
     p.add_argument("--json", action="store_true", help="print JSON to stdout")
     p.set_defaults(run=cmd_eval)
     return parser
@@ -103,12 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_scoring_options(p: argparse.ArgumentParser, data_required: bool) -> None:
     p.add_argument("--data", required=data_required,
                    help="dataset source; calibration images come from its train split")
-    p.add_argument("--criterion", choices=CRITERIA, default="chip")
+    p.add_argument("--criterion", choices=CRITERIA, default="chip", help="how channels are ranked")
     p.add_argument("--batches", type=_positive, default=5, help="calibration batches")
     p.add_argument("--batch-size", type=_positive, default=128, help="calibration batch size")
     p.add_argument("--seed", type=int, default=0, help="picks the calibration images; seeds the random criterion")
     p.add_argument("--workers", type=int, default=0, help="loader processes for large images")
-    p.add_argument("--device", default=_default_device())
+    p.add_argument("--device", default=_default_device(), help="torch device")
 
 
 def _positive(text: str) -> int:

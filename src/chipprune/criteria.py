@@ -86,6 +86,9 @@ CRITERIA = ("chip", "hrank", "l1", "random")
 
 def get_criterion(name: str, seed: int = 0) -> Criterion:
     """A criterion by name; `seed` drives the random one."""
-    if name not in CRITERIA:
+    if name == "random":
+        return Random(seed)
+    table: dict[str, type[CHIP | HRank | L1]] = {"chip": CHIP, "hrank": HRank, "l1": L1}
+    if name not in table:
         raise ValueError(f"unknown criterion {name!r}; known: {', '.join(CRITERIA)}")
-    return {"chip": CHIP, "hrank": HRank, "l1": L1}.get(name, lambda: Random(seed))()
+    return table[name]()

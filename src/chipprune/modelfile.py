@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .fileio import save_torch
-from .models import create_model, get_arch
+from .models import RegistryModel, create_model, get_arch
 from .models.resnet_cifar import ChannelShortcut
 
 FORMAT = "chipprune-model/1"
@@ -36,7 +36,7 @@ class ModelFile:
     """A registry model with what it needs to be used: normalization, class names, history."""
 
     arch: str
-    model: nn.Module
+    model: RegistryModel
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: list[str]

@@ -20,7 +20,7 @@ def count_flops(model: nn.Module, input_size: int) -> int:
         nonlocal total
         if isinstance(module, nn.Conv2d):
             total += output.numel() * module.weight[0].numel()
-        else:
+        elif isinstance(module, nn.Linear):
             total += output.numel() * module.in_features
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .models import ChannelLayer
+from .models import ChannelLayer, RegistryModel
 
 RESIDUAL_MODES = ("coupled", "paper")
 
@@ -39,13 +39,12 @@ def select_channels(layers: list[ChannelLayer], scores: dict[str, Tensor], width
     return {conv: top_channels(s, widths[conv]) for conv, s in ranking.items()}
 
 
-def prune(model: nn.Module, scores: dict[str, Tensor], widths: dict[str, int],
-          residual: str = "coupled") -> nn.Module:
+def prune(model: RegistryModel, scores: dict[str, Tensor], widths: dict[str, int],
+          residual: str = "coupled") -> RegistryModel:
     """A registry model cut to `widths`, keeping the best-scored channels of each conv."""
-    current: dict[str, int] = model.widths  # type: ignore[assignment]
+    current = model.widths
     wider = [name for name, c in widths.items() if c > current[name]]
     if wider:
         raise ValueError(f"cannot prune {wider[0]} to {widths[wider[0]]} channels: it has {current[wider[0]]}")
-    layers: list[ChannelLayer] = model.channel_layers()  # type: ignore[operator]
-    keep = select_channels(layers, scores, widths, residual)
-    return model.prune(keep, positional_shortcuts=residual == "paper")  # type: ignore[operator, no-any-return]
+    keep = select_channels(model.channel_layers(), scores, widths, residual)
+    return model.prune(keep, positional_shortcuts=residual == "paper")

@@ -6,17 +6,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from torch import nn
-
 from . import resnet50, resnet_cifar, vgg
-from .common import ChannelLayer
+from .common import ChannelLayer, RegistryModel
 
 
 @dataclass(frozen=True)
 class Arch:
     """How to build one architecture and read the paper's sparsity lists for it."""
 
-    build: Callable[..., nn.Module]  # (widths: dict[str, int] | None, num_classes: int) -> model
+    build: Callable[..., RegistryModel]  # (widths: dict[str, int] | None, num_classes: int) -> model
     widths_for_rates: Callable[[list[float]], dict[str, int]]
     num_rates: int
     rate_layout: str  # what the rates mean, for error messages and docs
@@ -68,10 +66,10 @@ def get_arch(name: str) -> Arch:
     return ARCHS[name]
 
 
-def create_model(name: str, widths: dict[str, int] | None = None, num_classes: int | None = None) -> nn.Module:
+def create_model(name: str, widths: dict[str, int] | None = None, num_classes: int | None = None) -> RegistryModel:
     """A registry model at full width, or at the given per-conv output widths."""
     arch = get_arch(name)
     return arch.build(widths, num_classes or arch.num_classes)
 
 
-__all__ = ["ARCHS", "Arch", "ChannelLayer", "create_model", "get_arch"]
+__all__ = ["ARCHS", "Arch", "ChannelLayer", "RegistryModel", "create_model", "get_arch"]

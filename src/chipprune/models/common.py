@@ -8,6 +8,20 @@ import torch
 from torch import Tensor, nn
 
 
+class RegistryModel(nn.Module):
+    """A registry architecture: per-conv output widths, its prunable layers, and its own surgery."""
+
+    widths: dict[str, int]  # conv name -> output channels
+
+    def channel_layers(self) -> list[ChannelLayer]:
+        """Every prunable conv, in forward order."""
+        raise NotImplementedError
+
+    def prune(self, keep: dict[str, Tensor], positional_shortcuts: bool = False) -> RegistryModel:
+        """A smaller dense copy keeping, per conv, the output channels `keep[conv]` (sorted; missing = all)."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class ChannelLayer:
     """A prunable conv: its name, the module whose output is its post-activation map, its residual group."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
-from .common import ChannelLayer, paper_width, take
+from .common import ChannelLayer, RegistryModel, paper_width, take
 
 STAGES = ((3, 256, 1), (4, 512, 2), (6, 1024, 2), (3, 2048, 2))  # blocks, output channels, stride
 
@@ -25,8 +27,9 @@ class Bottleneck(nn.Module):
         self.relu2 = nn.ReLU(inplace=True)
         self.conv3 = nn.Conv2d(mid2, out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out)
-        self.downsample = (nn.Sequential(nn.Conv2d(in_channels, out, 1, stride, bias=False), nn.BatchNorm2d(out))
-                           if project else None)
+        self.downsample: nn.Sequential | None = None
+        if project:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out, 1, stride, bias=False), nn.BatchNorm2d(out))
         self.relu3 = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -36,7 +39,7 @@ class Bottleneck(nn.Module):
         return self.relu3(self.bn3(self.conv3(out)) + identity)
 
 
-class ResNet50(nn.Module):
+class ResNet50(RegistryModel):
     """ResNet-50 for 224×224 inputs; `widths` maps conv names to output channels (default: full width)."""
 
     def __init__(self, widths: dict[str, int] | None = None, num_classes: int = 1000) -> None:
@@ -47,15 +50,15 @@ class ResNet50(nn.Module):
         self.bn1 = nn.BatchNorm2d(w["conv1"])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages: list[list[Bottleneck]] = [[], [], [], []]
         prev = "conv1"
         for s, (blocks, _, stride) in enumerate(STAGES):
-            layer = []
             for b in range(blocks):
                 name = f"layer{s + 1}.{b}"
-                layer.append(Bottleneck(w[prev], w[f"{name}.conv1"], w[f"{name}.conv2"], w[f"{name}.conv3"],
-                                        stride if b == 0 else 1, project=b == 0))
+                stages[s].append(Bottleneck(w[prev], w[f"{name}.conv1"], w[f"{name}.conv2"], w[f"{name}.conv3"],
+                                            stride if b == 0 else 1, project=b == 0))
                 prev = f"{name}.conv3"
-            self.add_module(f"layer{s + 1}", nn.Sequential(*layer))
+        self.layer1, self.layer2, self.layer3, self.layer4 = (nn.Sequential(*blocks) for blocks in stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(w[prev], num_classes)
 
@@ -64,14 +67,16 @@ class ResNet50(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.avgpool(x).flatten(1))
 
-    def block_names(self) -> list[str]:
-        """Names of the blocks in forward order."""
-        return [f"layer{s + 1}.{b}" for s, (blocks, _, _) in enumerate(STAGES) for b in range(blocks)]
+    def blocks(self) -> dict[str, Bottleneck]:
+        """The blocks by name, in forward order."""
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        return {f"layer{s + 1}.{b}": cast(Bottleneck, block) for s, stage in enumerate(stages)
+                for b, block in enumerate(stage)}
 
     def channel_layers(self) -> list[ChannelLayer]:
         """Prunable convs: the stem, each block's inner convs, and its output conv (with its projection)."""
         layers = [ChannelLayer("conv1", "relu")]
-        for name in self.block_names():
+        for name in self.blocks():
             layers += [ChannelLayer(f"{name}.conv1", f"{name}.relu1"),
                        ChannelLayer(f"{name}.conv2", f"{name}.relu2"),
                        ChannelLayer(f"{name}.conv3", f"{name}.relu3", name.split(".")[0].replace("layer", "stage"))]
@@ -86,15 +91,14 @@ class ResNet50(nn.Module):
         take(pruned.conv1, self.conv1, keep["conv1"])
         take(pruned.bn1, self.bn1, keep["conv1"])
         prev = "conv1"
-        for name in self.block_names():
-            old, new = self.get_submodule(name), pruned.get_submodule(name)
+        for (name, old), new in zip(self.blocks().items(), pruned.blocks().values(), strict=True):
             inp = keep[prev]
             for i in (1, 2, 3):
                 out = keep[f"{name}.conv{i}"]
                 take(new.get_submodule(f"conv{i}"), old.get_submodule(f"conv{i}"), out, inp)
                 take(new.get_submodule(f"bn{i}"), old.get_submodule(f"bn{i}"), out)
                 inp = out
-            if old.downsample is not None:
+            if old.downsample is not None and new.downsample is not None:
                 take(new.downsample[0], old.downsample[0], keep[f"{name}.conv3"], keep[prev])
                 take(new.downsample[1], old.downsample[1], keep[f"{name}.conv3"])
             prev = f"{name}.conv3"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
-from .common import ChannelLayer, paper_width, take
+from .common import ChannelLayer, RegistryModel, paper_width, take
 
 STAGE_CHANNELS = (16, 32, 64)
 
@@ -82,7 +84,7 @@ class BasicBlock(nn.Module):
         return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNetCifar(nn.Module):
+class ResNetCifar(RegistryModel):
     """ResNet-(6n+2) for 32×32 inputs; `widths` maps conv names to output channels (default: full width)."""
 
     def __init__(self, depth: int, widths: dict[str, int] | None = None, num_classes: int = 10) -> None:
@@ -95,15 +97,15 @@ class ResNetCifar(nn.Module):
         self.conv1 = nn.Conv2d(3, w["conv1"], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(w["conv1"])
         self.relu = nn.ReLU(inplace=True)
+        stages: list[list[BasicBlock]] = [[], [], []]
         prev = "conv1"
         for s in range(3):
-            blocks = []
             for b in range(self.n):
                 name = f"layer{s + 1}.{b}"
                 stride = 2 if s > 0 and b == 0 else 1
-                blocks.append(BasicBlock(w[prev], w[f"{name}.conv1"], w[f"{name}.conv2"], stride))
+                stages[s].append(BasicBlock(w[prev], w[f"{name}.conv1"], w[f"{name}.conv2"], stride))
                 prev = f"{name}.conv2"
-            self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = (nn.Sequential(*blocks) for blocks in stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(w[prev], num_classes)
 
@@ -112,14 +114,16 @@ class ResNetCifar(nn.Module):
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(self.avgpool(x).flatten(1))
 
-    def block_names(self) -> list[str]:
-        """Names of the blocks in forward order."""
-        return [f"layer{s + 1}.{b}" for s in range(3) for b in range(self.n)]
+    def blocks(self) -> dict[str, BasicBlock]:
+        """The blocks by name, in forward order."""
+        stages = (self.layer1, self.layer2, self.layer3)
+        return {f"layer{s + 1}.{b}": cast(BasicBlock, block) for s, stage in enumerate(stages)
+                for b, block in enumerate(stage)}
 
     def channel_layers(self) -> list[ChannelLayer]:
         """Prunable convs: the stem and every block's two convs; the stem adds into stage 1 through identities."""
         layers = [ChannelLayer("conv1", "relu", "stage1")]
-        for name in self.block_names():
+        for name in self.blocks():
             stage = name.split(".")[0].replace("layer", "stage")
             layers += [ChannelLayer(f"{name}.conv1", f"{name}.relu1"),
                        ChannelLayer(f"{name}.conv2", f"{name}.relu2", stage)]
@@ -136,8 +140,7 @@ class ResNetCifar(nn.Module):
         take(pruned.conv1, self.conv1, keep["conv1"])
         take(pruned.bn1, self.bn1, keep["conv1"])
         prev = "conv1"
-        for name in self.block_names():
-            old, new = self.get_submodule(name), pruned.get_submodule(name)
+        for (name, old), new in zip(self.blocks().items(), pruned.blocks().values(), strict=True):
             mid, out = keep[f"{name}.conv1"], keep[f"{name}.conv2"]
             take(new.conv1, old.conv1, mid, keep[prev])
             take(new.bn1, old.bn1, mid)

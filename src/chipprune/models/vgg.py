@@ -7,18 +7,20 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from .common import ChannelLayer, paper_width, take
+from .common import ChannelLayer, RegistryModel, paper_width, take
 
 CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 CONVS = tuple(f"features.conv{i}" for i, c in enumerate(CFG) if c != "M")
+CHANNELS = tuple(c for c in CFG if isinstance(c, int))
 
 
-class VGG(nn.Module):
+class VGG(RegistryModel):
     """13 convs (each conv-BN-ReLU, max-pools between stages), 2×2 average pool, a two-layer BN classifier."""
 
     def __init__(self, widths: dict[str, int] | None = None, num_classes: int = 10) -> None:
         super().__init__()
         self.widths = full_widths() | (widths or {})
+        self.num_classes = num_classes
         features: OrderedDict[str, nn.Module] = OrderedDict()
         in_channels = 3
         for i, c in enumerate(CFG):
@@ -49,22 +51,23 @@ class VGG(nn.Module):
     def prune(self, keep: dict[str, Tensor], positional_shortcuts: bool = False) -> VGG:
         """A smaller dense copy keeping, per conv, the output channels `keep[conv]` (sorted; missing = all)."""
         keep = {n: torch.arange(c) for n, c in self.widths.items()} | keep
-        pruned = VGG({n: len(k) for n, k in keep.items()}, self.classifier.linear2.out_features)
+        pruned = VGG({n: len(k) for n, k in keep.items()}, self.num_classes)
         prev = None
         for conv in CONVS:
             take(pruned.get_submodule(conv), self.get_submodule(conv), keep[conv], prev)
             norm = conv.replace("conv", "norm")
             take(pruned.get_submodule(norm), self.get_submodule(norm), keep[conv])
             prev = keep[conv]
-        take(pruned.classifier.linear1, self.classifier.linear1, None, prev)
-        take(pruned.classifier.norm1, self.classifier.norm1)
-        take(pruned.classifier.linear2, self.classifier.linear2)
+        new, old = pruned.classifier, self.classifier
+        take(new[0], old[0], None, prev)  # linear1 reads the last conv's channels
+        take(new[1], old[1])  # norm1
+        take(new[3], old[3])  # linear2
         return pruned
 
 
 def full_widths() -> dict[str, int]:
     """Output channels of every conv at full width."""
-    return {conv: c for conv, c in zip(CONVS, (c for c in CFG if c != "M"), strict=True)}
+    return dict(zip(CONVS, CHANNELS, strict=True))
 
 
 def widths_for_rates(rates: list[float]) -> dict[str, int]:

@@ -1,0 +1,153 @@
+"""Normalized, optionally shuffled and augmented batches of an ImageSplit, without torchvision."""
+
+from __future__ import annotations
+
+import math
+import traceback
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .sources import DataError, ImageSplit, open_image
+
+PAD = 4  # in-memory train crops come from the image zero-padded by PAD pixels on each side
+SCALE = (0.08, 1.0)  # random-resized-crop area range, as a fraction of the image
+RATIO = (3 / 4, 4 / 3)  # random-resized-crop aspect-ratio range (width / height)
+
+
+def batches(
+    data: ImageSplit,
+    batch_size: int,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool = False,
+    shuffle: bool = False,
+    seed: int = 0,
+    limit: int | None = None,
+    workers: int = 0,
+    image_size: int = 224,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches of (normalized float32 images [B, 3, H, W], int64 labels [B]): shuffled, augmented, limited."""
+    if batch_size < 1 or (limit is not None and limit < 0):
+        raise ValueError(f"batch_size must be >= 1 and limit >= 0, got {batch_size} and {limit}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (R, G, B), got {len(mean)} and {len(std)}")
+    g = torch.Generator().manual_seed(seed)
+    order = (torch.randperm(len(data), generator=g) if shuffle else torch.arange(len(data)))[:limit]
+    if data.images is not None:
+        raw: Iterable[tuple[Tensor, Tensor]] = _memory_batches(
+            data.images, data.labels, order, batch_size, train, g
+        )
+    else:
+        seeds = torch.randint(2**62, (len(order),), generator=g)  # one per image: the same whatever `workers`
+        dataset = _LazyImages(data, order, seeds, train, image_size)
+        raw = _one_line_errors(DataLoader(dataset, batch_size=batch_size, num_workers=workers))
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x.float().div_(255).sub_(m).div_(s), y) for x, y in raw)
+
+
+# ---- in memory (CIFAR-size) --------------------------------------------------------------------------------
+
+
+def _memory_batches(
+    images: Tensor, labels: Tensor, order: Tensor, batch_size: int, train: bool, g: torch.Generator
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """uint8 batches of in-memory images, randomly padded-cropped and flipped when training."""
+    for idx in order.split(batch_size):
+        yield (_pad_crop_flip(images[idx], g) if train else images[idx]), labels[idx]
+
+
+def _pad_crop_flip(x: Tensor, g: torch.Generator) -> Tensor:
+    """Random H x W crops of the zero-padded images, each flipped horizontally with probability 1/2."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (PAD, PAD, PAD, PAD))
+    top = torch.randint(0, 2 * PAD + 1, (n, 1), generator=g)
+    left = torch.randint(0, 2 * PAD + 1, (n, 1), generator=g)
+    flip = torch.rand(n, 1, generator=g) < 0.5
+    rows = top + torch.arange(h)
+    cols = left + torch.arange(w)
+    cols = torch.where(flip, cols.flip(1), cols)  # a flipped crop reads its columns right to left
+    return padded[
+        torch.arange(n)[:, None, None, None],
+        torch.arange(c)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+
+
+# ---- lazy (ImageNet-size) ----------------------------------------------------------------------------------
+
+
+class _LazyImages(Dataset):
+    """Images of a lazy split in `order`, opened and transformed one at a time (in DataLoader workers)."""
+
+    def __init__(self, data: ImageSplit, order: Tensor, seeds: Tensor, train: bool, size: int) -> None:
+        self.data, self.order, self.seeds, self.train, self.size = data, order, seeds, train, size
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, k: int) -> tuple[Tensor, Tensor]:
+        i = int(self.order[k])
+        img = open_image(self.data, i)
+        if self.train:
+            img = _random_resized_crop_flip(img, self.size, torch.Generator().manual_seed(int(self.seeds[k])))
+        else:
+            img = _resize_center_crop(img, self.size)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1), self.data.labels[i]
+
+
+def _one_line_errors(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
+    """The loader's batches; a DataError from a worker process is re-raised without the worker's traceback."""
+    try:
+        yield from loader
+    except DataError as e:
+        # torch's reraise makes a reference cycle: workers would live to a gc pass, then take 5 s to stop.
+        traceback.clear_frames(e.__traceback__)
+        lines = str(e).strip().splitlines()
+        if len(lines) == 1:
+            raise
+        raise DataError(lines[-1].split(": ", 1)[-1]) from None  # last line: "...DataError: <message>"
+
+
+def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to size * 256 / 224 (256 for 224), bilinear, then crop the central square."""
+    w, h = img.size
+    short = size * 256 // 224
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    left, top = round((nw - size) / 2), round((nh - size) / 2)
+    return img.resize((nw, nh), Image.Resampling.BILINEAR).crop((left, top, left + size, top + size))
+
+
+def _random_resized_crop_flip(img: Image.Image, size: int, g: torch.Generator) -> Image.Image:
+    """torchvision's RandomResizedCrop(size) then RandomHorizontalFlip(), drawing from g."""
+    left, top, w, h = _crop_box(*img.size, g)
+    img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BILINEAR)
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if torch.rand(1, generator=g).item() < 0.5 else img
+
+
+def _crop_box(width: int, height: int, g: torch.Generator) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a random crop, area in SCALE, aspect in RATIO; a central crop after 10 misses."""
+    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
+    for _ in range(10):
+        area = width * height * torch.empty(1).uniform_(*SCALE, generator=g).item()
+        ratio = math.exp(torch.empty(1).uniform_(*log_ratio, generator=g).item())
+        w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+            return left, top, w, h
+    if width / height < RATIO[0]:
+        w, h = width, round(width / RATIO[0])
+    elif width / height > RATIO[1]:
+        w, h = round(height * RATIO[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h

@@ -1,0 +1,409 @@
+"""Read CIFAR-10 batches and image-folder trees (folders or tarballs) into ImageSplits; cache small images."""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from tarfile import TarInfo
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+from ..fileio import save_torch
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+SPLITS = {"train": ("train",), "test": ("test", "val"), "val": ("val", "test")}  # asked split -> names to try
+SMALL = 64  # images with both sides <= SMALL (and all one size) are decoded once and kept in memory
+CACHE_VERSION = 1  # bump when the cache layout changes, so old files are not read
+
+T = TypeVar("T")
+
+
+class DataError(ValueError):
+    """A data source that cannot be read as asked (message is one clear line)."""
+
+
+@dataclass(eq=False)
+class ImageSplit:
+    """One split of an image dataset: in memory (small images) or a list of images to open lazily."""
+
+    classes: list[str]
+    labels: Tensor
+    images: Tensor | None = None
+    paths: list[str] | None = None  # lazy images: files, or members of `archive`
+    archive: str | None = None  # uncompressed .tar holding the lazy images
+    spans: Tensor | None = None  # int64 [N, 2]: (offset, size) of each member in `archive`
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        kind = f"images {tuple(self.images.shape)}" if self.images is not None else "lazy"
+        return f"ImageSplit({len(self)} images, {len(self.classes)} classes, {kind})"
+
+
+def load_split(
+    source: str | os.PathLike,
+    split: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ImageSplit:
+    """Load a split: small images decoded once (later read from cache), large ones listed to open lazily."""
+    if split not in SPLITS:
+        raise DataError(f"split must be 'train', 'test' or 'val', got {split!r}")
+    path = Path(source).expanduser().resolve()
+    if not path.exists():
+        raise DataError(f"no such file or folder: {path}")
+    cache = _cache_file(path, split, cache_dir)
+    if cache.is_file():
+        return _load_cache(cache)
+    data = _read(path, split, progress)
+    if data.images is not None:
+        _save_cache(cache, data)
+    return data
+
+
+def open_image(data: ImageSplit, i: int) -> Image.Image:
+    """Open and decode image i of a lazy split as RGB."""
+    assert data.paths is not None, "open_image needs a lazy split"
+    if data.archive is None:
+        return _decode(_file_bytes(Path(data.paths[i])), data.paths[i])
+    assert data.spans is not None
+    offset, size = data.spans[i].tolist()
+    with open(data.archive, "rb") as f:
+        f.seek(offset)
+        return _decode(f.read(size), f"{data.paths[i]} in {data.archive}")
+
+
+# ---- sources -----------------------------------------------------------------------------------------------
+
+
+def _read(path: Path, split: str, progress: bool) -> ImageSplit:
+    """Read a split from whatever kind of source `path` is."""
+    if path.is_file():
+        if not path.name.lower().endswith(TAR_SUFFIXES):
+            raise DataError(f"unknown format: {path} (expected a folder or a .tar/.tar.gz/.tgz archive)")
+        return _read_archives([path], split, progress)
+    if (path / "cifar-10-batches-py").is_dir():
+        path = path / "cifar-10-batches-py"
+    if (path / "batches.meta").is_file():
+        files = {n: _file_bytes(path / n) for n in _cifar_files(split) if (path / n).is_file()}
+        return _cifar(files, str(path), split)
+    if any((path / s).is_dir() for s in SPLITS):
+        return _read_folder(path, split, progress)
+    if path.name in SPLITS:
+        if path.name not in SPLITS[split]:
+            raise DataError(f"{path} is the {path.name!r} split, not {split!r}")
+        return _read_folder(path.parent, path.name, progress)
+    archives = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(TAR_SUFFIXES))
+    if not archives:
+        raise DataError(f"no CIFAR-10 batches, train/test/val folders or tar archives in {path}")
+    return _read_archives(archives, split, progress)
+
+
+def _read_folder(root: Path, split: str, progress: bool) -> ImageSplit:
+    """Read ROOT/<split>/<class>/<image> files."""
+    present = [s for s in SPLITS if (root / s).is_dir()]
+    names = [s for s in SPLITS[split] if s in present]
+    if not names:
+        raise DataError(f"no {split!r} split in {root} (found: {', '.join(present) or 'nothing'})")
+    split_dir, other = root / names[0], _other_split(names[0], present)
+    groups = {
+        d.name: sorted(p for p in d.iterdir() if p.is_file() and _is_image(p.name)) for d in _dirs(split_dir)
+    }
+    others = {d.name for d in _dirs(root / other)} if other else None
+    classes, files, labels = _flatten(groups, others, str(split_dir))
+    stream = ((i, _file_bytes(p), str(p)) for i, p in enumerate(files))
+    images = _decode_small(stream, len(files), f"{root.name}/{names[0]}", progress)
+    if images is not None:
+        return ImageSplit(classes, labels, images)
+    return ImageSplit(classes, labels, paths=[str(p) for p in files])
+
+
+def _read_archives(archives: list[Path], split: str, progress: bool) -> ImageSplit:
+    """Read a split from the first of `archives` (CIFAR-10 python or image-tree tarballs) that holds it."""
+    found: list[str] = []
+    for path in archives:
+        try:
+            with tarfile.open(path) as tar:
+                members = tar.getmembers()
+                for m in members:
+                    if m.name.startswith("/") or ".." in PurePosixPath(m.name).parts:
+                        raise DataError(f"unsafe member name {m.name!r} in {path}")
+                base = [PurePosixPath(m.name).name for m in members]
+                if "batches.meta" in base:
+                    # Read in archive order: one pass through a compressed archive.
+                    needed = _cifar_files(split)
+                    files = {
+                        n: _member_bytes(tar, m) for n, m in zip(base, members, strict=True) if n in needed
+                    }
+                    return _cifar(files, str(path), split)
+                tree = _member_tree(members)
+                names = [s for s in SPLITS[split] if s in tree]
+                if names:
+                    return _read_tree_archive(path, tar, tree, names[0], progress)
+                found += [f"{s} in {path.name}" for s in sorted(tree)]
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            raise DataError(f"corrupt or truncated archive {path}: {_reason(e)}") from None
+    where = archives[0] if len(archives) == 1 else archives[0].parent
+    raise DataError(f"no {split!r} split in {where} (found: {', '.join(found) or 'no images'})")
+
+
+def _member_tree(members: list[TarInfo]) -> dict[str, dict[str, list[TarInfo]]]:
+    """Image members of an image-tree archive by split and class, sorted by name; one top folder allowed."""
+    parts = [PurePosixPath(m.name).parts for m in members]
+    tops = {p[0] for p in parts if p}
+    skip = 1 if len(tops) == 1 and not tops & set(SPLITS) else 0
+    tree: dict[str, dict[str, list[TarInfo]]] = {}
+    for m, p in zip(members, parts, strict=True):
+        p = p[skip:]
+        if len(p) == 2 and m.isdir():  # a class folder: kept so that an empty one is reported
+            tree.setdefault(p[0], {}).setdefault(p[1], [])
+        elif len(p) == 3 and m.isfile() and _is_image(p[2]):
+            tree.setdefault(p[0], {}).setdefault(p[1], []).append(m)
+    for classes in tree.values():
+        for ms in classes.values():
+            ms.sort(key=lambda m: m.name)
+    return tree
+
+
+def _read_tree_archive(
+    path: Path, tar: tarfile.TarFile, tree: dict[str, dict[str, list[TarInfo]]], split: str, progress: bool
+) -> ImageSplit:
+    """Read one split of an image-tree archive: decoded if small, else as spans of an uncompressed tar."""
+    other = _other_split(split, list(tree))
+    classes, members, labels = _flatten(tree[split], set(tree[other]) if other else None, f"{path}:{split}")
+    # Read in archive order, so that a compressed archive is decompressed in one forward pass.
+    in_order = sorted(enumerate(members), key=lambda im: im[1].offset)
+    stream = ((i, _member_bytes(tar, m), f"{m.name} in {path}") for i, m in in_order)
+    images = _decode_small(stream, len(members), f"{path.name} {split}", progress)
+    if images is not None:
+        return ImageSplit(classes, labels, images)
+    try:
+        tarfile.open(path, "r:").close()
+    except tarfile.ReadError:
+        raise DataError(
+            f"images over {SMALL} px are read lazily, from a folder or an uncompressed .tar: extract {path}"
+        ) from None
+    spans = torch.tensor([[m.offset_data, m.size] for m in members], dtype=torch.int64)
+    return ImageSplit(classes, labels, paths=[m.name for m in members], archive=str(path), spans=spans)
+
+
+def _other_split(split: str, present: list[str]) -> str | None:
+    """The split whose classes must match `split`'s: train for test/val, test or val for train."""
+    return next((s for s in (("test", "val") if split == "train" else ("train",)) if s in present), None)
+
+
+def _flatten(
+    groups: dict[str, list[T]], others: set[str] | None, where: str
+) -> tuple[list[str], list[T], Tensor]:
+    """Sorted classes, images in class order and their labels, after checking every class has images."""
+    classes = sorted(groups)
+    if not classes:
+        raise DataError(f"no class folders in {where}")
+    empty = [c for c in classes if not groups[c]]
+    if empty:
+        raise DataError(f"class folder {empty[0]!r} has no images in {where}")
+    if others and others != set(classes):  # an other split without class folders is not comparable
+        diff = sorted(others ^ set(classes))
+        more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
+        raise DataError(
+            f"class folders of {where} differ from the other split's: {', '.join(diff[:5])}{more}"
+        )
+    labels = torch.repeat_interleave(
+        torch.arange(len(classes)), torch.tensor([len(groups[c]) for c in classes])
+    )
+    return classes, [x for c in classes for x in groups[c]], labels
+
+
+def _dirs(folder: Path) -> list[Path]:
+    """Visible subfolders of a folder."""
+    return [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")]
+
+
+def _is_image(name: str) -> bool:
+    """Whether a file name has an image extension."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _file_bytes(path: Path) -> bytes:
+    """The contents of a file."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or _reason(e)}") from None
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an exception's message, to keep a DataError on one line."""
+    return (str(e).splitlines() or [type(e).__name__])[0].rstrip(": ")
+
+
+def _member_bytes(tar: tarfile.TarFile, member: TarInfo) -> bytes:
+    """The contents of a file in an archive."""
+    f = tar.extractfile(member)
+    if f is None:
+        raise DataError(f"archive member {member.name} is not a regular file")
+    return f.read()
+
+
+# ---- decoding ----------------------------------------------------------------------------------------------
+
+
+def _decode(raw: bytes, name: str) -> Image.Image:
+    """Decode an encoded image to RGB."""
+    try:
+        return Image.open(io.BytesIO(raw)).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot decode image {name}: {_reason(e)}") from None
+
+
+def _decode_small(
+    stream: Iterator[tuple[int, bytes, str]], n: int, desc: str, progress: bool
+) -> Tensor | None:
+    """Decode (index, bytes, name) images to uint8 [n, 3, H, W]; None (early) unless all one size <= SMALL."""
+    i, raw, name = next(stream)
+    img = _decode(raw, name)
+    if max(img.size) > SMALL:
+        return None
+    out = np.empty((n, img.height, img.width, 3), np.uint8)
+    out[i] = np.asarray(img)
+    bar = tqdm(stream, desc=f"decoding {desc}", total=n, initial=1, unit="img", disable=not progress)
+    for i, raw, name in bar:
+        img = _decode(raw, name)
+        if img.size != (out.shape[2], out.shape[1]):
+            return None
+        out[i] = np.asarray(img)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+# ---- CIFAR-10 python batches -------------------------------------------------------------------------------
+
+# What numpy pickles arrays with; old pickles name it numpy.core.multiarray, new ones numpy._core.multiarray.
+_reconstruct: Any = np.empty(0).__reduce__()[0]
+_PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    # Python 3 writes bytes into protocol-2 pickles as _codecs.encode(str, "latin1"); it only encodes text.
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickler that can build numpy arrays and plain containers, and refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise DataError(f"forbidden global {module}.{name}")
+        return _PICKLE_GLOBALS[module, name]
+
+
+def _unpickle(files: dict[str, bytes], name: str, where: str) -> dict[str, Any]:
+    """A CIFAR-10 batch or metadata dict (bytes keys decoded), unpickled without running any code."""
+    keys = ("label_names",) if name == "batches.meta" else ("data", "labels")
+    file = f"{where}/{name}"
+    try:
+        obj = _NumpyUnpickler(io.BytesIO(files[name]), encoding="bytes").load()
+    except DataError as e:
+        raise DataError(f"refusing to load {file}: {e}") from None
+    except Exception as e:  # a corrupt pickle can fail in many ways: UnpicklingError, EOFError, KeyError, ...
+        raise DataError(f"corrupt CIFAR-10 batch {file}: {type(e).__name__}: {_reason(e)}") from None
+    batch = (
+        {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+        if isinstance(obj, dict)
+        else {}
+    )
+    if not all(k in batch for k in keys):
+        raise DataError(f"{file} is not a CIFAR-10 batch: expected a dict with keys {', '.join(keys)}")
+    return batch
+
+
+def _cifar_files(split: str) -> list[str]:
+    """Names of the CIFAR-10 files a split needs: the metadata, then its batches."""
+    return [
+        "batches.meta",
+        *([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]),
+    ]
+
+
+def _cifar(files: dict[str, bytes], where: str, split: str) -> ImageSplit:
+    """A CIFAR-10 split from the contents of its python batch files."""
+    meta, *names = _cifar_files(split)
+    missing = [n for n in (meta, *names) if n not in files]
+    if missing:
+        raise DataError(f"missing CIFAR-10 file {missing[0]} in {where}")
+    classes = [
+        n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(files, meta, where)["label_names"]
+    ]
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for name in names:
+        batch = _unpickle(files, name, where)
+        data, y = batch["data"], np.asarray(batch["labels"])
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)):
+            raise DataError(f"{where}/{name} is not a CIFAR-10 batch: its data is not uint8 [N, 3072]")
+        if not (y.shape == (len(data),) and y.dtype.kind in "iu" and ((y >= 0) & (y < len(classes))).all()):
+            raise DataError(
+                f"{where}/{name} is not a CIFAR-10 batch: expected {len(data)} labels < {len(classes)}"
+            )
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(y)
+    y_all = torch.from_numpy(np.concatenate(labels).astype(np.int64))
+    return ImageSplit(classes, y_all, torch.from_numpy(np.concatenate(images)))
+
+
+# ---- cache -------------------------------------------------------------------------------------------------
+
+
+def _cache_file(path: Path, split: str, cache_dir: str | os.PathLike | None) -> Path:
+    """Cache file of a source's split, keyed by its path, size and mtime (and those of a folder's entries)."""
+    st = path.stat()
+    key: list[object] = [CACHE_VERSION, str(path), split, st.st_size, st.st_mtime_ns]
+    if path.is_dir():
+        key += sorted((e.name, *_size_mtime(e.path)) for e in os.scandir(path))
+    root = Path(
+        cache_dir or os.environ.get("CHIP_CACHE_DIR") or Path.home() / ".cache/chipprune"
+    ).expanduser()
+    return root / f"{path.name}-{split}-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}.pt"
+
+
+def _size_mtime(path: str) -> tuple[int, int]:
+    """Size and mtime of a file, or (-1, -1) where it cannot be read (a broken link)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _save_cache(cache: Path, data: ImageSplit) -> None:
+    """Write a decoded split atomically."""
+    try:
+        save_torch({"classes": data.classes, "labels": data.labels, "images": data.images}, cache)
+    except OSError as e:
+        raise DataError(f"cannot write cache {cache}: {_reason(e)} (set cache_dir= or CHIP_CACHE_DIR)") from None
+
+
+def _load_cache(cache: Path) -> ImageSplit:
+    """Read a cached split; weights_only loading builds tensors and plain containers only."""
+    try:
+        d = torch.load(cache, weights_only=True)
+        return ImageSplit(list(d["classes"]), d["labels"], d["images"])
+    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:
+        raise DataError(f"unreadable cache file {cache} (delete it): {_reason(e)}") from None

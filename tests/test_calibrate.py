@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from chipprune.calibrate import CalibrationError, score_layers
+from chipprune.criteria import CHIP, L1, HRank, Random, get_criterion
+from chipprune.models import create_model
+from reference import reference_ci
+
+
+def batches(n_batches: int = 3, size: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 32, 32, generator=g), torch.zeros(size, dtype=torch.long)) for _ in range(n_batches)]
+
+
+def captured_maps(model, layers, data):
+    """Every layer's post-activation maps over all images, captured the slow way."""
+    maps = {layer.conv: [] for layer in layers}
+    handles = [model.get_submodule(layer.act).register_forward_hook(
+        lambda m, i, out, conv=layer.conv: maps[conv].append(out.clone())) for layer in layers]
+    with torch.no_grad():
+        for x, _ in data:
+            model(x)
+    for h in handles:
+        h.remove()
+    return {conv: torch.cat(m) for conv, m in maps.items()}
+
+
+def test_streamed_chip_scores_equal_the_reference_mean_over_images():
+    model = create_model("resnet20").eval()
+    layers = model.channel_layers()
+    data = batches()
+    scores, images = score_layers(model, layers, CHIP(), data)
+    assert images == 12
+    maps = captured_maps(model, layers, data)
+    for layer in layers:
+        torch.testing.assert_close(scores[layer.conv], reference_ci(maps[layer.conv]).mean(0), rtol=1e-6, atol=1e-9)
+
+
+def test_one_forward_pass_per_batch_scores_every_layer():
+    model = create_model("resnet20").eval()
+    calls = []
+    model.register_forward_pre_hook(lambda m, i: calls.append(1))
+    scores, _ = score_layers(model, model.channel_layers(), HRank(), batches(2))
+    assert len(calls) == 2
+    assert set(scores) == set(model.widths)
+    assert all(len(scores[c]) == w for c, w in model.widths.items())
+
+
+def test_hrank_is_the_mean_rank_of_each_channel_map():
+    model = create_model("resnet20").eval()
+    layers = model.channel_layers()[:3]
+    data = batches(1)
+    scores, _ = score_layers(model, layers, HRank(), data)
+    maps = captured_maps(model, layers, data)
+    for layer in layers:
+        assert torch.equal(scores[layer.conv], torch.linalg.matrix_rank(maps[layer.conv]).double().mean(0))
+
+
+def test_weight_criteria_need_no_images():
+    model = create_model("resnet20")
+    scores, images = score_layers(model, model.channel_layers(), L1())
+    assert images == 0
+    torch.testing.assert_close(scores["layer1.0.conv1"], model.layer1[0].conv1.weight.abs().sum((1, 2, 3)).double())
+    a, _ = score_layers(model, model.channel_layers(), Random(7))
+    b, _ = score_layers(model, model.channel_layers(), Random(7))
+    c, _ = score_layers(model, model.channel_layers(), Random(8))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["conv1"], c["conv1"])
+
+
+def test_non_finite_activations_name_the_layer():
+    model = create_model("resnet20").eval()
+    with torch.no_grad():
+        model.layer2[0].bn1.running_var.fill_(float("nan"))
+    with pytest.raises(CalibrationError, match="layer2.0.conv1"):
+        score_layers(model, model.channel_layers(), CHIP(), batches(1))
+
+
+def test_no_images_and_unknown_criterion():
+    model = create_model("resnet20")
+    with pytest.raises(CalibrationError, match="no calibration images"):
+        score_layers(model, model.channel_layers(), CHIP(), [])
+    with pytest.raises(ValueError, match="known: chip"):
+        get_criterion("taylor")

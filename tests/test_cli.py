@@ -1,0 +1,119 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from chipprune.cli import main
+from chipprune.modelfile import CIFAR10_CLASSES, ModelFile, load_model
+from chipprune.models import create_model
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A 10-class image folder (4 train, 2 test images per class) and a ResNet-20 model file."""
+    root = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in CIFAR10_CLASSES:
+            (root / "data" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    root / "data" / split / c / f"{i}.png")
+    model = create_model("resnet20")
+    ModelFile("resnet20", model, (0.5,) * 3, (0.25,) * 3, list(CIFAR10_CLASSES)).save(root / "r20.pt")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHIP_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_profile_json(capsys):
+    code, out, _ = run(capsys, "profile", "--arch", "resnet56", "--sparsity", "paper-1", "--json")
+    r = json.loads(out)
+    assert code == 0
+    assert (r["params"], r["flops"], r["base_params"], r["base_flops"]) == (485413, 65168128, 853018, 125485696)
+
+
+def test_score_prune_eval(capsys, workdir):
+    d = workdir
+    code, _, _ = run(capsys, "score", d / "r20.pt", "--data", d / "data", "--batches", "2", "--batch-size", "8",
+                     "--out", d / "s.json")
+    assert code == 0
+    scores = json.loads((d / "s.json").read_text())
+    assert scores["images"] == 16 and scores["criterion"] == "chip"
+    assert len(scores["layers"]["layer1.0.conv1"]) == 16
+    code, out, _ = run(capsys, "prune", d / "r20.pt", "--scores", d / "s.json", "--sparsity",
+                       "[0.]+[0.25]*2+[0.5]*9", "--out", d / "p.pt", "--json")
+    r = json.loads(out)
+    assert code == 0 and r["criterion"] == "chip" and 0 < r["flops"] < r["base_flops"]
+    pruned = load_model(d / "p.pt")
+    assert pruned.model.widths["layer1.0.conv2"] == 12
+    assert pruned.meta["pruned"]["sparsity"] == "[0.0]+[0.25]*2+[0.5]*9"
+    code, out, _ = run(capsys, "eval", d / "p.pt", "--data", d / "data", "--json")
+    r = json.loads(out)
+    assert code == 0 and r["images"] == 20 and 0 <= r["top1"] <= r["top5"] <= 100
+
+
+def test_weight_criteria_prune_without_data(capsys, workdir):
+    code, _, _ = run(capsys, "prune", workdir / "r20.pt", "--criterion", "l1", "--sparsity", "[0.]+[0.5]*11",
+                     "--out", workdir / "l1.pt")
+    assert code == 0 and load_model(workdir / "l1.pt").meta["pruned"]["criterion"] == "l1"
+
+
+def test_fewer_images_than_asked_warns_and_uses_them(capsys, workdir):
+    code, _, err = run(capsys, "score", workdir / "r20.pt", "--data", workdir / "data", "--out",
+                       workdir / "all.json")
+    assert code == 0 and "asked for 640 calibration images, the train split has 40" in err
+    assert json.loads((workdir / "all.json").read_text())["images"] == 40
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["profile", "--arch", "resnet56", "--sparsity", "[0.1]*3"], "resnet56 takes 30 rates"),
+    (["profile", "--arch", "resnet56", "--sparsity", "[0.]+[1.2]*29"], "[0, 1)"),
+    (["profile", "nope.pt"], "no such file"),
+    (["prune", "{d}/r20.pt", "--sparsity", "[0.]*12", "--out", "{d}/x.pt"], "--data is needed"),
+    (["eval", "{d}/r20.pt", "--data", "{d}/missing"], "missing"),
+    (["prune", "{d}/r20.pt", "--scores", "{d}/data/train/cat/0.png", "--sparsity", "[0.]*12", "--out", "{d}/x.pt"],
+     "cannot read scores"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(capsys, workdir, args, message):
+    code, out, err = run(capsys, *[a.format(d=workdir) for a in args])
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_failed_command_leaves_the_existing_output_alone(capsys, workdir):
+    target = workdir / "keep.pt"
+    target.write_bytes(b"precious")
+    code, _, _ = run(capsys, "prune", workdir / "r20.pt", "--sparsity", "[0.]*3", "--criterion", "l1",
+                     "--out", target)
+    assert code == 2 and target.read_bytes() == b"precious"
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: coupled)" in out and "(default: 128)" in out and "(default: chip)" in out
+
+
+def test_import_then_eval_matches_the_weights(capsys, workdir):
+    state = {f"module.{k}".replace("module.fc.", "module.linear."): v
+             for k, v in create_model("resnet20").state_dict().items() if not k.endswith((".src", ".dst"))}
+    torch.save({"state_dict": state}, workdir / "third.th")
+    code, _, _ = run(capsys, "import", "--arch", "resnet20", "--weights", workdir / "third.th",
+                     "--out", workdir / "imp.pt")
+    assert code == 0
+    mf = load_model(workdir / "imp.pt")
+    assert torch.equal(mf.model.fc.weight, state["module.linear.weight"])
+    assert mf.mean == (0.485, 0.456, 0.406)
