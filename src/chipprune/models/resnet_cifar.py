@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .common import ChannelLayer, RegistryModel, paper_width, take
@@ -37,6 +38,11 @@ class ChannelShortcut(nn.Module):
         self.src, self.dst = src.long(), dst.long()
         everything = torch.arange(self.out_channels, device=self.src.device)
         self.identity = torch.equal(self.src, self.dst) and torch.equal(self.src, everything)
+        # Output channel o reads channel gather[o] of the input with one zero channel padded in front: a single
+        # index_select, which traces and exports for any batch size (an index assignment does not).
+        gather = torch.zeros(self.out_channels, dtype=torch.long, device=self.src.device)
+        gather[self.dst] = self.src + 1
+        self.register_buffer("gather", gather, persistent=False)
 
     def restricted(self, inp: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
         """This map after keeping input channels `inp` and output channels `out` (indices into the old ones)."""
@@ -60,10 +66,7 @@ class ChannelShortcut(nn.Module):
             x = x[:, :, :: self.stride, :: self.stride]
         if self.identity and x.shape[1] == self.out_channels:
             return x
-        n, _, h, w = x.shape
-        out = x.new_zeros(n, self.out_channels, h, w)
-        out[:, self.dst] = x[:, self.src]
-        return out
+        return F.pad(x, (0, 0, 0, 0, 1, 0)).index_select(1, self.gather)
 
 
 class BasicBlock(nn.Module):
