@@ -28,6 +28,9 @@ class ExportError(RuntimeError):
 class Normalized(nn.Module):
     """A model that takes images in [0, 1] and normalizes them itself."""
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.model = model

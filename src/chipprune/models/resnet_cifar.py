@@ -19,6 +19,10 @@ class ChannelShortcut(nn.Module):
     A module of its own (not F.pad in a lambda) so that pruning can re-map channels and dependency
     tracers see an ordinary module."""
 
+    src: Tensor
+    dst: Tensor
+    gather: Tensor
+
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         self.out_channels, self.stride = out_channels, stride

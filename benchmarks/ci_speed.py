@@ -1,0 +1,157 @@
+"""Speed and accuracy of chipprune.ci.channel_independence against the paper's procedure (one SVD per channel).
+
+    python benchmarks/ci_speed.py [--quick]
+
+For each layer shape, on post-ReLU-like float32 maps relu(N(0, 1)), the reference and the fast path are timed
+side by side, interleaved round by round so that both see the same load, and the best round of each is kept.
+Where the reference over the whole batch would take too long it runs on a subset of images and channels and its
+time is scaled linearly in the number of SVDs it does (one per channel per image, plus one per image for ‖A‖*);
+such times are marked "scaled". Accuracy is max |fast − reference| / max_i CI_i per image over that subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from chipprune.ci import channel_independence  # noqa: E402
+from reference import reference_ci  # noqa: E402
+
+# name, shape [N, C, H, W], reference subset (images, channels) for the full run and for --quick
+SHAPES = [
+    ("ResNet-56 stage 1", (128, 16, 32, 32), (128, 16), (32, 16)),
+    ("ResNet-56 stage 2", (128, 32, 16, 16), (128, 32), (16, 32)),
+    ("ResNet-56 stage 3", (128, 64, 8, 8), (128, 64), (32, 64)),
+    ("ResNet-50 layer1", (8, 256, 56, 56), (2, 32), (1, 6)),
+    ("ResNet-50 layer2", (8, 512, 28, 28), (2, 48), (1, 8)),
+    ("ResNet-50 layer4", (8, 2048, 7, 7), (8, 256), (1, 64)),
+]
+
+
+def timed(fn: Callable[[], torch.Tensor], sync: Callable[[], None] = lambda: None) -> tuple[float, torch.Tensor]:
+    """Wall time and result of one call."""
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
+
+
+def fast(a: torch.Tensor) -> torch.Tensor:
+    """The fast path, called the way calibration calls it: per-image CI summed over the batch."""
+    return channel_independence(a, reduction="none").sum(0)
+
+
+def main() -> None:
+    """Prints one line per shape for CPU, then for CUDA when there is one."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller reference subsets, fewer rounds")
+    args = parser.parse_args()
+    rounds = 2 if args.quick else 3
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average "
+          f"{os.getloadavg()[0]:.1f} at start; times are the best of {rounds} interleaved rounds")
+    header = f"{'layer':18} {'maps [N, C, H, W]':18} {'path':>4} {'reference':>17} {'fast':>10} {'speed-up':>9} "
+    print(f"\nCPU\n{header}{'max rel err':>12} {'images/s':>9}")
+    gen = torch.Generator().manual_seed(0)
+    maps, subsets = [], []
+    for name, shape, full_subset, quick_subset in SHAPES:
+        a = torch.randn(shape, generator=gen).relu()
+        n_img, n_ch = quick_subset if args.quick else full_subset
+        ci = channel_independence(a, reduction="none")
+        # Evenly spread channels, always including the image's highest CI (the accuracy yardstick).
+        channels = sorted(set(torch.linspace(0, shape[1] - 1, n_ch).round().long().tolist()) | {int(ci[0].argmax())})
+        t_ref = t_fast = float("inf")
+        for _ in range(rounds):
+            t_fast = min(t_fast, timed(partial(fast, a))[0])
+            t, ref = timed(partial(reference_ci, a[:n_img], channels))
+            t_ref = min(t_ref, t)
+        scale = shape[0] / n_img * (shape[1] + 1) / (len(channels) + 1)
+        err = ((ci[:n_img, channels] - ref).abs().amax(1) / ci[:n_img].amax(1)).max().item()
+        mark = "scaled" if scale > 1 else "measured"
+        dims = "x".join(map(str, shape))
+        path = "eigh" if shape[1] <= shape[2] * shape[3] else "svd"
+        print(f"{name:18} {dims:18} {path:>4} {t_ref * scale:8.3f} s {mark:>8} {t_fast * 1e3:7.1f} ms "
+              f"{t_ref * scale / t_fast:8.0f}x {err:12.1e} {shape[0] / t_fast:9.0f}")
+        maps.append(a)
+        subsets.append((n_img, channels, ref))
+    print("reference subsets: " + "; ".join(f"{n} images x {len(c)} channels" for n, c, _ in subsets))
+
+    network_table("cpu", rounds)
+    if not torch.cuda.is_available():
+        print("\nCUDA: not available, skipped")
+        return
+    print(f"\nCUDA ({torch.cuda.get_device_name()}): fast path only; error against the same reference subset")
+    print(f"{'layer':18} {'maps [N, C, H, W]':18} {'fast':>10} {'max rel err':>12} {'images/s':>9}")
+    for (name, shape, *_), a, (n_img, channels, ref) in zip(SHAPES, maps, subsets, strict=True):
+        a = a.cuda()
+        ci = channel_independence(a, reduction="none").cpu()
+        t_fast = min(timed(partial(fast, a), torch.cuda.synchronize)[0] for _ in range(rounds + 2))
+        err = ((ci[:n_img, channels] - ref).abs().amax(1) / ci[:n_img].amax(1)).max().item()
+        dims = "x".join(map(str, shape))
+        print(f"{name:18} {dims:18} {t_fast * 1e3:7.1f} ms {err:12.1e} {shape[0] / t_fast:9.0f}")
+    network_table("cuda", rounds)
+
+
+# whole network: arch, calibration images, batch size, on CPU / on CUDA
+NETWORKS = {"cpu": [("resnet56", 640, 128), ("resnet50", 64, 16)],
+            "cuda": [("resnet56", 640, 128), ("resnet50", 640, 64)]}
+
+
+def peak_mib(device: str, run: Callable[[], object]) -> tuple[float, float]:
+    """Wall time of run() and the memory it adds at its peak: process RSS on CPU, allocator on CUDA."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t, _ = timed(run, torch.cuda.synchronize)
+        return t, (torch.cuda.max_memory_allocated() - base) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
+    base = _status_kib("VmRSS")
+    t, _ = timed(run)
+    return t, (_status_kib("VmHWM") - base) / 1024
+
+
+def _status_kib(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def network_table(device: str, rounds: int) -> None:
+    """Whole-network CHIP scoring (forward + CI of every scored layer) against the plain forward pass."""
+    from chipprune.calibrate import score_layers
+    from chipprune.criteria import CHIP
+    from chipprune.models import ARCHS, RegistryModel, create_model
+
+    print(f"\nWhole network on {device}: scoring (one pass, hooks, CI of every layer) vs the plain forward pass")
+    print(f"{'model':9} {'images':>6} {'forward':>9} {'scoring':>9} {'time':>6} {'fwd MiB':>8} {'score MiB':>9} "
+          f"{'mem':>6}")
+    for arch, images, batch in NETWORKS[device]:
+        model = create_model(arch).eval().to(device)
+        size = ARCHS[arch].input_size
+        data = [(torch.randn(batch, 3, size, size, device=device), torch.zeros(batch)) for _ in range(images // batch)]
+
+        def forward(model: torch.nn.Module = model, data: list = data) -> None:
+            with torch.no_grad():
+                for x, _ in data:
+                    model(x)
+
+        def scoring(model: RegistryModel = model, data: list = data) -> None:
+            score_layers(model, model.channel_layers(), CHIP(), data, device=device)
+
+        forward()  # warm-up: allocator pools and one-time initialisation count for neither side
+        fwd = min(peak_mib(device, forward) for _ in range(rounds))
+        sc = min(peak_mib(device, scoring) for _ in range(rounds))
+        print(f"{arch:9} {images:6} {fwd[0]:8.2f}s {sc[0]:8.2f}s {sc[0] / fwd[0]:5.2f}x {fwd[1]:8.0f} {sc[1]:9.0f} "
+              f"{sc[1] / max(fwd[1], 1):5.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
