@@ -57,6 +57,7 @@ class Evil:
         return (os.system, ("touch pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch notes the protocol, then refuses the file
 def test_a_model_file_cannot_run_code(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for payload in ({"format": "chipprune-model/1", "x": Evil()}, {"state_dict": {"a": Evil()}}):
@@ -86,3 +87,14 @@ def test_normalization_forms():
     for bad in ("0.5,0.5:1,1", "a,b,c:1,1,1", "0,0,0:1,0,1"):
         with pytest.raises(ModelFileError):
             parse_normalization(bad)
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    from chipprune.fileio import save_json
+
+    old = os.umask(0o022)
+    try:
+        save_json({"a": 1}, tmp_path / "x.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
