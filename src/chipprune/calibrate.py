@@ -1,4 +1,7 @@
-"""One pass over calibration images that scores every prunable layer at once, through forward hooks."""
+"""One pass over calibration images that scores every prunable layer at once, through forward hooks.
+
+Under torchrun (a process group initialized), each process scores its share of every batch and the sums are
+all-reduced: every process ends with the scores of all the images."""
 
 from __future__ import annotations
 
@@ -6,10 +9,12 @@ from collections.abc import Iterable
 from typing import cast
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from .criteria import ActivationCriterion, Criterion
+from .data.batching import share
 from .models import ChannelLayer
 
 
@@ -22,31 +27,39 @@ def score_layers(model: nn.Module, layers: list[ChannelLayer], criterion: Criter
                  batches: Iterable[tuple[Tensor, Tensor]] = (), *, device: str | torch.device = "cpu",
                  progress: bool = False) -> tuple[dict[str, Tensor], int]:
     """Mean per-channel scores of every layer's conv (keyed by conv name), and the images they came from."""
+    convs = {layer.conv: cast(nn.Conv2d, model.get_submodule(layer.conv)) for layer in layers}
     if not isinstance(criterion, ActivationCriterion):
-        convs = {layer.conv: cast(nn.Conv2d, model.get_submodule(layer.conv)) for layer in layers}
         return {name: criterion.weight_scores(conv) for name, conv in convs.items()}, 0
-    sums: dict[str, Tensor] = {}
+    sums = {name: torch.zeros(conv.out_channels, dtype=torch.float64) for name, conv in convs.items()}
 
     def hook(name: str):  # type: ignore[no-untyped-def]
         def accumulate(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             # Scored inside the hook: only this batch's map of this layer is ever held.
             if not torch.isfinite(output).all():
                 raise CalibrationError(f"non-finite activations in {name} during scoring")
-            batch = criterion.batch_sum(output)
-            sums[name] = sums[name] + batch if name in sums else batch
+            sums[name] += criterion.batch_sum(output)
         return accumulate
 
     model.eval().to(device)
     acts = {layer.act: layer.conv for layer in layers}
     handles = [model.get_submodule(act).register_forward_hook(hook(conv)) for act, conv in acts.items()]
-    images = 0
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    count = torch.zeros((), dtype=torch.float64)
     try:
-        for x, _ in tqdm(batches, desc=f"scoring ({criterion.name})", unit="batch", disable=not progress):
-            model(x.to(device))
-            images += len(x)
+        for x, _ in tqdm(batches, desc=f"scoring ({criterion.name})", unit="batch", disable=not progress or rank > 0):
+            part = x[share(len(x), rank, world)]
+            if len(part):
+                model(part.to(device))
+                count += len(part)
     finally:
         for h in handles:
             h.remove()
+    if world > 1:
+        for t in (count, *sums.values()):
+            on_device = t.to(device)  # NCCL reduces GPU tensors only
+            dist.all_reduce(on_device)
+            t.copy_(on_device)
+    images = int(count)
     if images == 0:
         raise CalibrationError("no calibration images")
     return {conv: s / images for conv, s in sums.items()}, images

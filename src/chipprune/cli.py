@@ -1,8 +1,9 @@
-"""The `chip` command: profile, import, score, prune and evaluate CNNs with CHIP."""
+"""The `chip` command: profile, import, score, prune, evaluate, fine-tune and train CNNs with CHIP."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -18,11 +19,13 @@ from .calibrate import CalibrationError, score_layers
 from .criteria import CRITERIA, ActivationCriterion, get_criterion
 from .data import DataError, ImageSplit, batches, load_split
 from .evaluate import evaluate
+from .export import FORMATS, ExportError, export
 from .fileio import save_json
-from .modelfile import ModelFile, ModelFileError, import_weights, load_model
+from .modelfile import ModelFile, ModelFileError, import_weights, load_model, parse_normalization
 from .models import ARCHS, create_model, get_arch
-from .profile import count_flops, count_params
+from .profile import count_flops, count_params, measure_latency
 from .surgery import RESIDUAL_MODES, prune
+from .train import AMP, PRESETS, Config, Place, TrainError, distributed, fit, load_data
 
 SCORES_FORMAT = "chipprune-scores/1"
 
@@ -36,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (UsageError, ModelFileError, DataError, CalibrationError, sparsity.SparsityError) as e:
+    except (UsageError, ModelFileError, DataError, CalibrationError, sparsity.SparsityError, TrainError,
+            ExportError) as e:
         if os.environ.get("CHIP_DEBUG"):
             raise
         print(f"chip {args.command}: error: {e}", file=sys.stderr)
@@ -59,8 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="a chipprune model file (instead of --arch)")
     p.add_argument("--arch", choices=list(ARCHS), help="a registry architecture")
     p.add_argument("--sparsity", help="rates ('[0.]+[0.15]*2+[0.4]*27', '0,0.1,…') or a preset ('paper-1')")
+    p.add_argument("--latency", action="store_true", help="also measure eval-mode latency on --device")
+    p.add_argument("--batch-sizes", type=_batch_sizes, default="1,64", help="batch sizes for --latency")
+    p.add_argument("--threads", type=_positive, help="CPU threads for --latency (default: torch's)")
+    p.add_argument("--repeats", type=_positive, default=30, help="timed runs per batch size, after 3 warm-up runs")
+    p.add_argument("--device", default="cpu", help="torch device for --latency")
     p.add_argument("--json", action="store_true", help="print JSON to stdout")
     p.set_defaults(run=cmd_profile)
+
+    p = sub.add_parser("export", help="ONNX or TorchScript, checked against PyTorch", formatter_class=fmt,
+                       description="The exported model takes float32 RGB images in [0, 1], [B, 3, H, W], as input "
+                       "`images`; the model file's normalization is built in. Output `logits`.")
+    p.add_argument("model", help="a chipprune model file")
+    p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--opset", type=_positive, default=17, help="ONNX opset")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=_positive, default=1, help="the batch size the model is traced with")
+    batch.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("import", help="convert third-party weights into a chipprune model file", formatter_class=fmt)
     p.add_argument("--arch", required=True, choices=list(ARCHS), help="the architecture the weights are for")
@@ -97,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=_default_device(), help="torch device")
     p.add_argument("--json", action="store_true", help="print JSON to stdout")
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("finetune", help="fine-tune a (pruned) model file; also under torchrun", formatter_class=fmt)
+    p.add_argument("model", help="a chipprune model file (with --resume, the run's last.pt holds the weights)")
+    _add_training_options(p, "paper-cifar, or paper-imagenet for 224-px architectures")
+    p.set_defaults(run=cmd_finetune)
+
+    p = sub.add_parser("train", help="train an architecture from scratch (a baseline), as finetune does",
+                       formatter_class=fmt)
+    p.add_argument("--arch", required=True, choices=list(ARCHS), help="the architecture, at full width")
+    p.add_argument("--normalize", default="imagenet", help="input normalization: imagenet, cifar, or m1,m2,m3:s1,s2,s3")
+    _add_training_options(p, "baseline-cifar")
+    p.set_defaults(run=cmd_train)
     return parser
 
 
@@ -109,6 +142,61 @@ def _add_scoring_options(p: argparse.ArgumentParser, data_required: bool) -> Non
     p.add_argument("--seed", type=int, default=0, help="picks the calibration images; seeds the random criterion")
     p.add_argument("--workers", type=int, default=0, help="loader processes for large images")
     p.add_argument("--device", default=_default_device(), help="torch device")
+
+
+def _add_training_options(p: argparse.ArgumentParser, default_preset: str) -> None:
+    p.add_argument("--data", required=True,
+                   help="dataset source with a train split and (unless --val-data) a test or val split")
+    p.add_argument("--val-data", help="dataset source of the evaluation split, if not --data")
+    p.add_argument("--out-dir", required=True, help="the run folder: last.pt, best.pt, metrics.jsonl, config.json, "
+                   "curves.png")
+    presets = "; ".join(f"{name}: {_preset_text(cfg)}" for name, cfg in PRESETS.items())
+    p.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,
+                   help=f"hyperparameters, each overridden by its option below ({presets}) (default: {default_preset})")
+    hyper = argparse.SUPPRESS  # unless given, the preset's
+    p.add_argument("--epochs", type=_positive, default=hyper, help="epochs (default: the preset's)")
+    p.add_argument("--lr", type=float, default=hyper, help="peak learning rate (default: the preset's)")
+    p.add_argument("--batch-size", type=_positive, default=hyper,
+                   help="global batch, split among torchrun processes and --accum micro-batches "
+                   "(default: the preset's)")
+    p.add_argument("--weight-decay", type=float, default=hyper, help="SGD weight decay (default: the preset's)")
+    p.add_argument("--momentum", type=float, default=hyper, help="SGD momentum (default: the preset's)")
+    p.add_argument("--label-smoothing", type=float, default=hyper, help="cross-entropy label smoothing (default: "
+                   "the preset's)")
+    p.add_argument("--warmup-epochs", type=float, default=hyper,
+                   help="epochs of linear warm-up, per step, before the cosine decay (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the subset, data order and augmentation (and train's initial weights)")
+    p.add_argument("--train-subset", type=_positive, help="train on a seeded subset of N images (quick runs)")
+    p.add_argument("--accum", type=_positive, default=1,
+                   help="micro-batches per batch, gradients added: less memory; BatchNorm sees each micro-batch")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt, exactly")
+    p.add_argument("--amp", choices=list(AMP), default="bf16" if torch.cuda.is_available() else "off",
+                   help="autocast dtype of the forward pass (fp16 with loss scaling)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                   help="channels_last memory format for the model and its inputs")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm; GPUs only)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="loader processes (per torchrun process) for large images; in-memory CIFAR needs none")
+    p.add_argument("--device", default=_default_device(),
+                   help="torch device; under torchrun, cuda means each process's own GPU")
+
+
+def _preset_text(cfg: Config) -> str:
+    return (f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, momentum {cfg.momentum}, "
+            f"weight decay {cfg.weight_decay}, label smoothing {cfg.label_smoothing}, warm-up {cfg.warmup_epochs}")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return sizes
 
 
 def _positive(text: str) -> int:
@@ -157,7 +245,30 @@ def cmd_profile(args: argparse.Namespace) -> None:
     result = {"arch": arch, **_sizes(model, create_model(arch, None, num_classes), get_arch(arch).input_size)}
     if args.sparsity:
         result["sparsity"] = sparsity.format_rates(sparsity.resolve(arch, args.sparsity))
-    _emit(args, result, f"{arch}\n{_sizes_text(result)}")
+    text = f"{arch}\n{_sizes_text(result)}"
+    if args.latency:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model.to(args.device)
+        size = get_arch(arch).input_size
+        result["latency_ms"] = {b: measure_latency(model, size, b, repeats=args.repeats) for b in args.batch_sizes}
+        result["threads"] = torch.get_num_threads()
+        text += "".join(f"\nbatch {b}: {r['median_ms']:.2f} ms median ({r['min_ms']:.2f}–{r['max_ms']:.2f})"
+                        for b, r in result["latency_ms"].items())
+    _emit(args, result, text)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export a model file and check the result numerically."""
+    if args.dynamic_batch and args.format != "onnx":
+        raise UsageError("--dynamic-batch applies to --format onnx")
+    mf = load_model(args.model)
+    try:
+        error = export(mf, args.out, args.format, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch,
+                       opset=args.opset)
+    except ImportError as e:
+        raise UsageError(f"{e}: install the export extra, pip install 'chipprune[export]'") from None
+    print(f"wrote {args.out}: {args.format}, max relative error against PyTorch {error:.1e}", file=sys.stderr)
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -254,6 +365,45 @@ def cmd_eval(args: argparse.Namespace) -> None:
               **evaluate(mf.model, stream, device=args.device, progress=True)}
     _emit(args, result, f"{args.model} on {args.split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
           f"({result['images']} images)")
+
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """Fine-tune a model file into a run folder."""
+    mf = load_model(args.model)
+    with distributed(args.device) as place:
+        train, test = load_data(args.data, args.val_data, args.train_subset, args.seed, place)
+        _check_classes(train, mf)
+        preset = "paper-imagenet" if get_arch(mf.arch).input_size > 32 else "paper-cifar"
+        _fit(args, mf, train, test, place, preset, {"command": "finetune", "model": args.model})
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train an architecture from scratch into a run folder."""
+    mean, std = parse_normalization(args.normalize)
+    with distributed(args.device) as place:
+        train, test = load_data(args.data, args.val_data, args.train_subset, args.seed, place)
+        torch.manual_seed(args.seed)  # the initial weights
+        model = create_model(args.arch, None, len(train.classes))
+        mf = ModelFile(args.arch, model, mean, std, train.classes, {"trained_from_scratch": args.arch})
+        _fit(args, mf, train, test, place, "baseline-cifar", {"command": "train", "arch": args.arch})
+
+
+def _fit(args: argparse.Namespace, mf: ModelFile, train: ImageSplit, test: ImageSplit | None, place: Place,
+         default_preset: str, about: dict[str, Any]) -> None:
+    """Run the training loop with the options of finetune and train; print where its results are."""
+    preset = getattr(args, "preset", default_preset)
+    fields = {f.name for f in dataclasses.fields(Config)}
+    cfg = dataclasses.replace(PRESETS[preset], **{k: v for k, v in vars(args).items() if k in fields})
+    run = Path(args.out_dir)
+    history = fit(mf, train, test, cfg, run, resume=args.resume, place=place, channels_last=args.channels_last,
+                  compile=args.compile, workers=args.workers,
+                  about={**about, "data": args.data, "val_data": args.val_data, "preset": preset})
+    if place.rank == 0:
+        h = history[-1]
+        score = "no evaluation" if h["test_top1"] is None else f"test top-1 {h['test_top1']:.2f}%"
+        print(f"wrote {run}/last.pt after epoch {h['epoch']} ({score}); per-epoch metrics in {run}/metrics.jsonl",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

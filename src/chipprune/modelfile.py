@@ -3,6 +3,7 @@
 A model file is a plain dict of strings, numbers, lists and tensors, so `torch.load(path, weights_only=True)`
 reads it and no checkpoint can run code:
     format, arch, widths (conv name -> output channels), num_classes, mean, std, classes, meta, state_dict
+and, in a training run's checkpoint, `training`: optimizer state, step, RNG states and history (see train.py).
 """
 
 from __future__ import annotations
@@ -42,14 +43,16 @@ class ModelFile:
     classes: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write atomically: a crash leaves the old file or the new one, never half of one."""
-        payload = {
+    def save(self, path: str | os.PathLike, training: dict[str, Any] | None = None) -> None:
+        """Write atomically (a crash leaves the old file or the new one, never half of one), with any training state."""
+        payload: dict[str, Any] = {
             "format": FORMAT, "arch": self.arch, "widths": dict(self.model.widths),
             "num_classes": len(self.classes), "mean": list(self.mean), "std": list(self.std),
             "classes": list(self.classes), "meta": self.meta,
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
         }
+        if training is not None:
+            payload["training"] = training
         save_torch(payload, path)
 
 
@@ -67,13 +70,19 @@ def safe_load(path: str | os.PathLike) -> Any:
 
 def load_model(path: str | os.PathLike) -> ModelFile:
     """Read a model file written by ModelFile.save."""
+    return load_checkpoint(path)[0]
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[ModelFile, dict[str, Any] | None]:
+    """Read a model file and the training state saved with it, if any."""
     d = safe_load(path)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a chipprune model file (convert third-party weights with `chip import`)")
     get_arch(d["arch"])
     model = create_model(d["arch"], d["widths"], d["num_classes"])
     _load_state(model, d["state_dict"], str(path))
-    return ModelFile(d["arch"], model, tuple(d["mean"]), tuple(d["std"]), list(d["classes"]), d.get("meta", {}))
+    mf = ModelFile(d["arch"], model, tuple(d["mean"]), tuple(d["std"]), list(d["classes"]), d.get("meta", {}))
+    return mf, d.get("training")
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:

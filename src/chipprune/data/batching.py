@@ -32,51 +32,85 @@ def batches(
     limit: int | None = None,
     workers: int = 0,
     image_size: int = 224,
+    drop_last: bool = False,
+    start: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    device: str | torch.device = "cpu",
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Batches of (normalized float32 images [B, 3, H, W], int64 labels [B]): shuffled, augmented, limited."""
+    """Batches of (normalized float32 images [B, 3, H, W], int64 labels [B]) on `device`: shuffled, augmented, limited.
+
+    Order and augmentation depend on `seed` alone. With `world` processes, each batch is split among them and this
+    yields rank `rank`'s share; `start` skips the first batches (to resume an epoch)."""
     if batch_size < 1 or (limit is not None and limit < 0):
         raise ValueError(f"batch_size must be >= 1 and limit >= 0, got {batch_size} and {limit}")
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values (R, G, B), got {len(mean)} and {len(std)}")
+    device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
     order = (torch.randperm(len(data), generator=g) if shuffle else torch.arange(len(data)))[:limit]
+    spans = _spans(len(order), batch_size, drop_last, start, rank, world)
     if data.images is not None:
+        crops = _crop_params(len(order), g, device) if train else None
         raw: Iterable[tuple[Tensor, Tensor]] = _memory_batches(
-            data.images, data.labels, order, batch_size, train, g
+            data.images.to(device), data.labels.to(device), order.to(device), crops, spans
         )
     else:
         seeds = torch.randint(2**62, (len(order),), generator=g)  # one per image: the same whatever `workers`
         dataset = _LazyImages(data, order, seeds, train, image_size)
-        raw = _one_line_errors(DataLoader(dataset, batch_size=batch_size, num_workers=workers))
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        loader = DataLoader(dataset, batch_sampler=[list(range(lo, hi)) for lo, hi in spans], num_workers=workers,
+                            pin_memory=device.type == "cuda")
+        raw = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in _one_line_errors(loader))
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     return ((x.float().div_(255).sub_(m).div_(s), y) for x, y in raw)
+
+
+def share(n: int, rank: int, world: int) -> slice:
+    """Rank `rank`'s part of n items split among `world` processes: contiguous, sizes differing by at most one."""
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+def _spans(n: int, batch_size: int, drop_last: bool, start: int, rank: int, world: int) -> list[tuple[int, int]]:
+    """Positions [lo, hi) in the order of this rank's share of each batch, from batch `start` on; none empty."""
+    stop = n - n % batch_size if drop_last else n
+    spans = []
+    for lo in range(start * batch_size, stop, batch_size):
+        part = share(min(batch_size, stop - lo), rank, world)
+        if part.stop > part.start:
+            spans.append((lo + part.start, lo + part.stop))
+    return spans
 
 
 # ---- in memory (CIFAR-size) --------------------------------------------------------------------------------
 
 
 def _memory_batches(
-    images: Tensor, labels: Tensor, order: Tensor, batch_size: int, train: bool, g: torch.Generator
+    images: Tensor, labels: Tensor, order: Tensor, crops: tuple[Tensor, Tensor] | None, spans: list[tuple[int, int]]
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """uint8 batches of in-memory images, randomly padded-cropped and flipped when training."""
-    for idx in order.split(batch_size):
-        yield (_pad_crop_flip(images[idx], g) if train else images[idx]), labels[idx]
+    """uint8 batches of in-memory images, on their device; padded-cropped and flipped where `crops` are given."""
+    for lo, hi in spans:
+        idx = order[lo:hi]
+        x = images[idx] if crops is None else _pad_crop_flip(images[idx], crops[0][lo:hi], crops[1][lo:hi])
+        yield x, labels[idx]
 
 
-def _pad_crop_flip(x: Tensor, g: torch.Generator) -> Tensor:
-    """Random H x W crops of the zero-padded images, each flipped horizontally with probability 1/2."""
+def _crop_params(n: int, g: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Random (top, left) offsets [n, 2] into the zero-padded images, and horizontal flips [n] with probability 1/2."""
+    offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
+    return offsets.to(device), (torch.rand(n, generator=g) < 0.5).to(device)
+
+
+def _pad_crop_flip(x: Tensor, offsets: Tensor, flip: Tensor) -> Tensor:
+    """H x W crops of the zero-padded images at `offsets` (top, left), flipped horizontally where `flip`."""
     n, c, h, w = x.shape
     padded = F.pad(x, (PAD, PAD, PAD, PAD))
-    top = torch.randint(0, 2 * PAD + 1, (n, 1), generator=g)
-    left = torch.randint(0, 2 * PAD + 1, (n, 1), generator=g)
-    flip = torch.rand(n, 1, generator=g) < 0.5
-    rows = top + torch.arange(h)
-    cols = left + torch.arange(w)
-    cols = torch.where(flip, cols.flip(1), cols)  # a flipped crop reads its columns right to left
+    rows = offsets[:, :1] + torch.arange(h, device=x.device)
+    cols = offsets[:, 1:] + torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flipped crop reads its columns right to left
     return padded[
-        torch.arange(n)[:, None, None, None],
-        torch.arange(c)[None, :, None, None],
+        torch.arange(n, device=x.device)[:, None, None, None],
+        torch.arange(c, device=x.device)[None, :, None, None],
         rows[:, None, :, None],
         cols[:, None, None, :],
     ]

@@ -1,0 +1,377 @@
+"""Fine-tuning and training from scratch: one loop for one process or many (torchrun), resumable exactly.
+
+A run is a folder: config.json, metrics.jsonl (a line per epoch), last.pt (a model file with the training state),
+best.pt (the best test top-1 so far) and curves.png. The data order and augmentation of epoch e depend on (seed, e)
+alone and the learning rate on the step alone, so a run resumed from last.pt goes on exactly as if it had not
+stopped. Under torchrun each batch is split among the processes (DistributedDataParallel); rank 0 writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .data import DataError, ImageSplit, batches, load_split
+from .evaluate import evaluate
+from .fileio import atomic_write, save_json
+from .modelfile import ModelFile, load_checkpoint
+from .models import RegistryModel, get_arch
+
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
+LOG_EVERY = 10  # steps between progress-bar updates: each one waits for the device
+
+
+class TrainError(ValueError):
+    """A training run that cannot start or go on as asked."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """What a run's weights depend on: a resumed run must have the same."""
+
+    epochs: int
+    batch_size: int  # the global batch: split among the processes, then into `accum` micro-batches
+    lr: float  # the peak, reached at the end of warm-up
+    momentum: float
+    weight_decay: float
+    label_smoothing: float
+    warmup_epochs: float
+    seed: int = 0
+    train_subset: int | None = None
+    accum: int = 1
+    amp: str = "off"
+    sync_bn: bool = False
+
+
+PRESETS = {
+    # The authors' code and README; the paper's text says 300 epochs at batch 128 (docs/training.md).
+    "paper-cifar": Config(epochs=400, batch_size=256, lr=0.01, momentum=0.9, weight_decay=0.005,
+                          label_smoothing=0.0, warmup_epochs=5),
+    "paper-imagenet": Config(epochs=180, batch_size=256, lr=0.01, momentum=0.99, weight_decay=1e-4,
+                             label_smoothing=0.1, warmup_epochs=5),
+    "baseline-cifar": Config(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                             label_smoothing=0.0, warmup_epochs=0),
+}
+
+
+@dataclass(frozen=True)
+class Place:
+    """This process among the run's processes: its rank, their number, its device."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+
+LOCAL = Place()
+
+
+@contextmanager
+def distributed(device: str) -> Iterator[Place]:
+    """This process's place; under torchrun, inside the process group (NCCL on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = torch.device(device)
+    if world == 1:
+        yield Place(0, 1, dev)
+        return
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    try:
+        yield Place(dist.get_rank(), world, dev)
+    finally:
+        dist.destroy_process_group()
+
+
+def load_data(source: str, val_source: str | None, subset: int | None, seed: int,
+              place: Place) -> tuple[ImageSplit, ImageSplit | None]:
+    """The train split (a seeded subset of it, if asked) and the evaluation split, if there is one."""
+    train = load_split(source, "train", progress=place.rank == 0)
+    if subset is not None:
+        if subset > len(train) and place.rank == 0:
+            print(f"warning: asked for {subset} training images, the train split has {len(train)}: using them all",
+                  file=sys.stderr)
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:subset].sort().values
+        train = replace(train, labels=train.labels[idx],
+                        images=None if train.images is None else train.images[idx],
+                        paths=None if train.paths is None else [train.paths[i] for i in idx.tolist()],
+                        spans=None if train.spans is None else train.spans[idx])
+    try:
+        test = load_split(val_source or source, "test", progress=place.rank == 0)
+    except DataError as e:
+        if val_source:
+            raise
+        if place.rank == 0:
+            print(f"no evaluation split ({e}): training without evaluation, so no best.pt", file=sys.stderr)
+        return train, None
+    if test.classes != train.classes:
+        raise TrainError(f"the evaluation split's classes differ from the train split's: {val_source or source}")
+    return train, test
+
+
+def lr_at(step: int, cfg: Config, steps_per_epoch: int) -> float:
+    """The learning rate of optimizer step `step` (from 0): linear warm-up to cfg.lr, then cosine decay to 0."""
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    decay = cfg.epochs * steps_per_epoch - warmup
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, decay)))
+
+
+def fit(mf: ModelFile, train: ImageSplit, test: ImageSplit | None, cfg: Config, run: Path, *,
+        resume: bool = False, place: Place = LOCAL, channels_last: bool = False, compile: bool = False,
+        workers: int = 0, progress: bool = True, about: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Train mf's model on `train`, evaluating on `test` after each epoch, in the run folder; the metrics per epoch."""
+    steps = len(train) // cfg.batch_size  # per epoch: the last partial batch is dropped
+    if steps == 0:
+        raise TrainError(f"the train split has {len(train)} images, fewer than one batch of {cfg.batch_size}")
+    if cfg.batch_size % (place.world * cfg.accum):
+        raise TrainError(f"the batch of {cfg.batch_size} does not split into {place.world} processes "
+                         f"x {cfg.accum} micro-batches")
+    if cfg.sync_bn and place.world > 1 and place.device.type == "cpu":
+        raise TrainError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on CPU")
+    last = run / "last.pt"
+    state: dict[str, Any]
+    resuming = resume and last.exists()
+    if resuming:
+        mf, state = _resume(last, cfg)
+    elif last.exists():
+        raise TrainError(f"{run} already holds a run: --resume to continue it, or choose another --out-dir")
+    else:
+        if resume and place.rank == 0:  # one command line for the first start and every restart
+            print(f"--resume: no {last} yet, starting the run", file=sys.stderr)
+        state = {"step": 0, "history": [], "best_top1": None, "partial": [0.0] * 4}
+    if place.rank == 0:
+        save_json({**(about or {}), "config": asdict(cfg), "processes": place.world, "device": str(place.device),
+                   "channels_last": channels_last, "compile": compile, "train_images": len(train),
+                   "test_images": len(test) if test else None, "steps_per_epoch": steps, "start_step": state["step"],
+                   "torch": torch.__version__}, run / "config.json")
+
+    device = place.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one input shape all run: let cuDNN time its algorithms once
+    # The whole uint8 dataset lives on the device: batches are gathered, cropped and flipped there.
+    train, test = _to(train, device), None if test is None else _to(test, device)
+    model = cast(RegistryModel, mf.model.to(device))
+    if cfg.sync_bn and place.world > 1:
+        model = cast(RegistryModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # untyped in torch
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    if resuming:
+        opt.load_state_dict(state.pop("optimizer"))
+        scaler.load_state_dict(state.pop("scaler"))
+        _set_rng_states(state.pop("rng"), device)
+    net: nn.Module = model
+    if place.world > 1:
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if compile:
+        net = cast(nn.Module, torch.compile(net))
+
+    def save(path: Path, training: dict[str, Any] | None) -> None:
+        meta = {**mf.meta, "trained": {"epochs": len(state["history"]), "step": state["step"], "run": run.name,
+                                       "best_top1": state["best_top1"]}}
+        ModelFile(mf.arch, model, mf.mean, mf.std, mf.classes, meta).save(path, training)
+
+    history: list[dict[str, Any]] = state["history"]
+    image_size = get_arch(mf.arch).input_size
+    with _stop_requests() as stop_asked:
+        for epoch in range(len(history) + 1, cfg.epochs + 1):
+            start = state["step"] - (epoch - 1) * steps  # > 0 when resuming an epoch cut short
+            # loss x images, hits, images: this process's, summed over the processes at the end of the epoch
+            totals = torch.tensor(state["partial"][:3] if place.rank == 0 else [0.0] * 3, dtype=torch.float64,
+                                  device=device)
+            before, began = state["partial"][3], time.perf_counter()
+            stream = batches(train, cfg.batch_size, mean=mf.mean, std=mf.std, train=True, shuffle=True,
+                             seed=cfg.seed * 1_000_000 + epoch, workers=workers, image_size=image_size, drop_last=True,
+                             start=start, rank=place.rank, world=place.world, device=device)
+            bar = tqdm(stream, desc=f"epoch {epoch}/{cfg.epochs}", total=steps, initial=start, unit="step",
+                       disable=not progress or place.rank > 0)
+            net.train()
+            for done, (x, y) in enumerate(bar, 1):
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                _step(net, opt, scaler, x, y, lr_at(state["step"], cfg, steps), cfg, totals)
+                state["step"] += 1
+                if done % LOG_EVERY == 0:
+                    loss, _, seen = totals.tolist()
+                    rate = done * cfg.batch_size / (time.perf_counter() - began)
+                    bar.set_postfix_str(f"loss {loss / seen:.3f}, {rate:.0f} img/s")
+                if _on_any(stop_asked(), place):
+                    _all_reduce(totals, place)
+                    state["partial"] = [*totals.tolist(), before + time.perf_counter() - began]
+                    if place.rank == 0:
+                        save(last, _training_state(state, cfg, opt, scaler, device))
+                        print(f"stopped: saved {last} at epoch {epoch}, step {state['step']}; continue with --resume",
+                              file=sys.stderr)
+                    _barrier(place)  # no process may exit (and have torchrun end the others) before the save
+                    raise KeyboardInterrupt
+            bar.close()
+            trained = before + time.perf_counter() - began
+            _all_reduce(totals, place)
+            loss_sum, hits, images = totals.tolist()
+            top1, top5 = _evaluate(model, test, mf, cfg.batch_size, image_size, workers, place, progress)
+            history.append({"epoch": epoch, "lr": lr_at(epoch * steps - 1, cfg, steps),
+                            "train_loss": loss_sum / images, "train_top1": 100 * hits / images,
+                            "test_top1": top1, "test_top5": top5, "images_per_s": images / trained,
+                            "seconds": before + time.perf_counter() - began})
+            best = top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"])
+            if best:
+                state["best_top1"] = top1
+            state["partial"] = [0.0] * 4
+            if place.rank == 0:
+                save(last, _training_state(state, cfg, opt, scaler, device))
+                if best:
+                    save(run / "best.pt", None)
+                atomic_write(run / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
+    if place.rank == 0:
+        plot_curves(history, run / "curves.png")
+    _barrier(place)  # the others wait for rank 0's writes: torchrun ends every process once one has exited
+    return history
+
+
+def _to(split: ImageSplit, device: torch.device) -> ImageSplit:
+    """An in-memory split with its images and labels on `device`; a lazy one as it is, for its loader processes."""
+    if split.images is None:
+        return split
+    return replace(split, images=split.images.to(device), labels=split.labels.to(device))
+
+
+def _step(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: Tensor, y: Tensor, lr: float,
+          cfg: Config, totals: Tensor) -> None:
+    """One optimizer step on a batch, its micro-batches' gradients added; adds the loss and hits to `totals`."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    for xm, ym in zip(x.chunk(cfg.accum), y.chunk(cfg.accum), strict=True):
+        with torch.autocast(x.device.type, dtype=AMP[cfg.amp], enabled=cfg.amp != "off"):
+            logits = net(xm)
+            loss = F.cross_entropy(logits, ym, label_smoothing=cfg.label_smoothing)
+        scaler.scale(loss / cfg.accum).backward()
+        totals[0] += loss.detach().double() * len(ym)
+        totals[1] += (logits.argmax(1) == ym).sum()
+        totals[2] += len(ym)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+def _evaluate(model: nn.Module, test: ImageSplit | None, mf: ModelFile, batch_size: int, image_size: int,
+              workers: int, place: Place, progress: bool) -> tuple[float | None, float | None]:
+    """Test top-1 and top-5 over all the processes' shares of the split; None without a split."""
+    if test is None:
+        return None, None
+    if place.world > 1:
+        for b in model.buffers():  # DDP left each process with BatchNorm statistics of its own share
+            dist.broadcast(b, 0)
+    stream = batches(test, batch_size, mean=mf.mean, std=mf.std, workers=workers, image_size=image_size,
+                     rank=place.rank, world=place.world, device=place.device)
+    r = evaluate(model, stream, device=place.device, progress=progress and place.rank == 0)
+    counts = torch.tensor([r["top1"] * r["images"] / 100, r["top5"] * r["images"] / 100, r["images"]],
+                          dtype=torch.float64, device=place.device)
+    _all_reduce(counts, place)
+    top1, top5, images = counts.round().tolist()
+    return 100 * top1 / images, 100 * top5 / images
+
+
+def _resume(last: Path, cfg: Config) -> tuple[ModelFile, dict[str, Any]]:
+    """The model and training state of a run's last checkpoint, which must have been made with `cfg`."""
+    mf, state = load_checkpoint(last)
+    if state is None:
+        raise TrainError(f"{last} is a model file without training state: nothing to resume")
+    diff = [f"{k} {state['config'].get(k)} (now {v})" for k, v in asdict(cfg).items() if state["config"].get(k) != v]
+    if diff:
+        raise TrainError(f"--resume: the run in {last.parent} was made with {', '.join(diff)}: give the same options")
+    return mf, state
+
+
+def _training_state(state: dict[str, Any], cfg: Config, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    device: torch.device) -> dict[str, Any]:
+    """All a checkpoint needs to go on exactly: tensors, numbers, strings, lists and dicts only."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return {**state, "config": asdict(cfg), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
+
+
+def _set_rng_states(rng: dict[str, Tensor], device: torch.device) -> None:
+    """Restore the global random generators saved by _training_state."""
+    torch.set_rng_state(rng["cpu"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+@contextmanager
+def _stop_requests() -> Iterator[Callable[[], bool]]:
+    """Within, SIGTERM and SIGINT ask the loop to stop after its current step; yields whether one has."""
+    asked = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: asked.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield asked.is_set
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _on_any(flag: bool, place: Place) -> bool:
+    """Whether `flag` is set in any process: all must stop at the same step."""
+    if place.world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=place.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
+def _all_reduce(t: Tensor, place: Place) -> None:
+    """Sum `t` over the processes, in place."""
+    if place.world > 1:
+        dist.all_reduce(t)
+
+
+def _barrier(place: Place) -> None:
+    """Wait for every process."""
+    if place.world > 1:
+        dist.barrier()
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss, top-1 and learning rate per epoch, as a PNG."""
+    from matplotlib.figure import Figure  # here: a second of start-up only the end of a run needs
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(13, 3.6), layout="constrained")
+    loss, top1, lr = fig.subplots(1, 3)
+    loss.plot(epochs, [h["train_loss"] for h in history], marker=".")
+    loss.set(title="train loss", xlabel="epoch")
+    top1.plot(epochs, [h["train_top1"] for h in history], marker=".", label="train (augmented)")
+    if any(h["test_top1"] is not None for h in history):
+        top1.plot(epochs, [h["test_top1"] for h in history], marker=".", label="test")
+    top1.set(title="top-1 (%)", xlabel="epoch")
+    top1.legend()
+    lr.plot(epochs, [h["lr"] for h in history], marker=".")
+    lr.set(title="learning rate (end of epoch)", xlabel="epoch")
+    for ax in (loss, top1, lr):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write(path, buffer.getvalue())
