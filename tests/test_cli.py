@@ -1,26 +1,19 @@
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from chipprune.cli import main
 from chipprune.modelfile import CIFAR10_CLASSES, ModelFile, load_model
 from chipprune.models import create_model
+from images import write_image_folder
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A 10-class image folder (4 train, 2 test images per class) and a ResNet-20 model file."""
     root = tmp_path_factory.mktemp("cli")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 4), ("test", 2)):
-        for c in CIFAR10_CLASSES:
-            (root / "data" / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                    root / "data" / split / c / f"{i}.png")
+    write_image_folder(root / "data", {"train": 4, "test": 2})
     model = create_model("resnet20")
     ModelFile("resnet20", model, (0.5,) * 3, (0.25,) * 3, list(CIFAR10_CLASSES)).save(root / "r20.pt")
     return root

@@ -11,12 +11,10 @@ import sys
 import time
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
 
 from chipprune.calibrate import score_layers
 from chipprune.cli import main
@@ -25,6 +23,7 @@ from chipprune.data import batches, load_split
 from chipprune.modelfile import CIFAR10_CLASSES, ModelFile, load_model
 from chipprune.models import create_model
 from chipprune.train import PRESETS, Config, lr_at
+from images import write_image_folder
 
 LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"}  # gloo between the test's processes on this machine only
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as torchrun's processes: the same float sums everywhere (and no stalls on a
@@ -35,13 +34,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as torchrun's processes: the same float
 def workdir(tmp_path_factory):
     """An image folder (48 train and 2 test 32x32 PNGs per CIFAR-10 class), its train split alone, a ResNet-20."""
     root = tmp_path_factory.mktemp("train")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 48), ("test", 2)):
-        for c in CIFAR10_CLASSES:
-            (root / "data" / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                    root / "data" / split / c / f"{i}.png")
+    write_image_folder(root / "data", {"train": 48, "test": 2})
     (root / "train-only").mkdir()
     (root / "train-only" / "train").symlink_to(root / "data" / "train")
     torch.manual_seed(0)
