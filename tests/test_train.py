@@ -225,6 +225,19 @@ def calibration_batches():
     return [(torch.randn(n, 3, 32, 32, generator=g), torch.zeros(n, dtype=torch.long)) for n in (5, 4, 1)]
 
 
+def test_chip_score_under_torchrun_equals_one_process(workdir, tmp_path):
+    score = ["score", str(workdir / "r20.pt"), "--data", str(workdir / "data"), "--batches", "3", "--batch-size", "10"]
+    assert main([*score, "--out", str(tmp_path / "one.json")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chipprune.cli",
+           *score, "--out", str(tmp_path / "two.json")]
+    done = subprocess.run(cmd, env={**os.environ, **LOOPBACK}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["images"] == two["images"] == 30
+    for conv, s in one["layers"].items():
+        torch.testing.assert_close(torch.tensor(two["layers"][conv]), torch.tensor(s), rtol=1e-9, atol=1e-12)
+
+
 def score_in_process(rank, world, rendezvous, out):
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:

@@ -298,15 +298,17 @@ def _check_classes(split: ImageSplit, mf: ModelFile) -> None:
         raise UsageError(f"the data has {len(split.classes)} classes, the model {len(mf.classes)}")
 
 
-def _scores(args: argparse.Namespace, mf: ModelFile) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Scores of every prunable conv, computed or read from --scores, and how they were made."""
-    layers = mf.model.channel_layers()  # type: ignore[operator]
+def _scores(args: argparse.Namespace, mf: ModelFile) -> tuple[dict[str, Tensor], dict[str, Any], bool]:
+    """Scores of every prunable conv, computed or read from --scores, how they were made, and whether this
+    process writes the results (under torchrun each process scores its share, and rank 0 writes)."""
     if getattr(args, "scores", None):
-        return _read_scores(args.scores, mf)
+        return *_read_scores(args.scores, mf), True
     criterion = get_criterion(args.criterion, args.seed)
-    batches_ = _calibration(args, mf) if isinstance(criterion, ActivationCriterion) else iter(())
-    scores, images = score_layers(mf.model, layers, criterion, batches_, device=args.device, progress=True)
-    return scores, {"criterion": criterion.name, "images": images, "seed": args.seed}
+    with distributed(args.device) as place:
+        batches_ = _calibration(args, mf) if isinstance(criterion, ActivationCriterion) else iter(())
+        scores, images = score_layers(mf.model, mf.model.channel_layers(), criterion, batches_, device=place.device,
+                                      progress=place.rank == 0)
+    return scores, {"criterion": criterion.name, "images": images, "seed": args.seed}, place.rank == 0
 
 
 def _read_scores(path: str, mf: ModelFile) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -328,7 +330,9 @@ def _read_scores(path: str, mf: ModelFile) -> tuple[dict[str, Tensor], dict[str,
 def cmd_score(args: argparse.Namespace) -> None:
     """Score every prunable channel and save the scores."""
     mf = load_model(args.model)
-    scores, how = _scores(args, mf)
+    scores, how, writer = _scores(args, mf)
+    if not writer:
+        return
     save_json({"format": SCORES_FORMAT, "arch": mf.arch, **how,
                "layers": {conv: s.tolist() for conv, s in scores.items()}}, args.out)
     print(f"wrote {args.out}: {how['criterion']} scores of {len(scores)} layers"
@@ -339,7 +343,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
     """Prune to a sparsity and save the smaller model."""
     mf = load_model(args.model)
     widths = sparsity.widths(mf.arch, args.sparsity)
-    scores, how = _scores(args, mf)
+    scores, how, writer = _scores(args, mf)
+    if not writer:
+        return
     try:
         pruned = prune(mf.model, scores, widths, args.residual)
     except ValueError as e:
