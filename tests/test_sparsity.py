@@ -58,3 +58,10 @@ def test_rates_outside_unit_interval(bad):
 def test_rates_that_leave_no_channels():
     with pytest.raises(SparsityError, match="no channels"):
         widths("resnet56", "[0.]+[0.]*2+[0.95]*27")
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(SparsityError, match="unknown preset 'paper-9' for resnet56 .presets: paper-1, paper-2"):
+        resolve("resnet56", "paper-9")
+    with pytest.raises(SparsityError, match="presets: none"):
+        resolve("resnet20", "paper-1")

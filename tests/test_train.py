@@ -234,6 +234,7 @@ def test_chip_score_under_torchrun_equals_one_process(workdir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["images"] == two["images"] == 30
+    assert (one["processes"], two["processes"]) == (1, 2)
     for conv, s in one["layers"].items():
         torch.testing.assert_close(torch.tensor(two["layers"][conv]), torch.tensor(s), rtol=1e-9, atol=1e-12)
 

@@ -308,7 +308,8 @@ def _scores(args: argparse.Namespace, mf: ModelFile) -> tuple[dict[str, Tensor],
         batches_ = _calibration(args, mf) if isinstance(criterion, ActivationCriterion) else iter(())
         scores, images = score_layers(mf.model, mf.model.channel_layers(), criterion, batches_, device=place.device,
                                       progress=place.rank == 0)
-    return scores, {"criterion": criterion.name, "images": images, "seed": args.seed}, place.rank == 0
+    how = {"criterion": criterion.name, "images": images, "seed": args.seed, "processes": place.world}
+    return scores, how, place.rank == 0
 
 
 def _read_scores(path: str, mf: ModelFile) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -324,7 +325,7 @@ def _read_scores(path: str, mf: ModelFile) -> tuple[dict[str, Tensor], dict[str,
         if not isinstance(layers.get(conv), list) or len(layers[conv]) != c:
             raise UsageError(f"{path}: no scores for the {c} channels of {conv}; were they made for another model?")
     scores = {conv: torch.tensor(layers[conv], dtype=torch.float64) for conv in widths}
-    return scores, {k: d[k] for k in ("criterion", "images", "seed") if k in d}
+    return scores, {k: d[k] for k in ("criterion", "images", "seed", "processes") if k in d}
 
 
 def cmd_score(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ and, in a training run's checkpoint, `training`: optimizer state, step, RNG stat
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,10 +63,18 @@ def safe_load(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's note on the pickle protocol, before it refuses
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"{path}: cannot be read safely as a weights file ({first})") from None
+        # torch's own message advises weights_only=False, which would run the file's code: keep its detail only.
+        detail = str(e).partition("WeightsUnpickler error:")[2].strip().split("\n\n")[0].strip() or _first_line(e)
+        raise ModelFileError(f"{path}: cannot be read safely as a weights file: corrupt or truncated, or holding "
+                             f"objects other than tensors and plain containers ({detail})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def load_model(path: str | os.PathLike) -> ModelFile:

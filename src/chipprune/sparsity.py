@@ -41,8 +41,12 @@ def _number(token: str) -> float:
 def resolve(arch_name: str, sparsity: str) -> list[float]:
     """The rates for an architecture from a preset name or a sparsity string, checked for count and range."""
     arch = get_arch(arch_name)
-    text = arch.presets.get(sparsity, sparsity)
-    rates = parse_rates(text)
+    if sparsity.strip()[:1].isalpha():
+        if sparsity not in arch.presets:
+            known = ", ".join(arch.presets) or "none"
+            raise SparsityError(f"unknown preset {sparsity!r} for {arch_name} (presets: {known})")
+        sparsity = arch.presets[sparsity]
+    rates = parse_rates(sparsity)
     if len(rates) != arch.num_rates:
         presets = f"; presets: {', '.join(arch.presets)}" if arch.presets else ""
         raise SparsityError(f"{arch_name} takes {arch.num_rates} rates ({arch.rate_layout}), "
