@@ -374,7 +374,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
           f"({result['images']} images)")
 
 
-
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune a model file into a run folder."""
     mf = load_model(args.model)

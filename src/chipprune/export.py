@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .fileio import atomic_write
+from .fileio import atomic_write, reason
 from .modelfile import ModelFile
 from .models import get_arch
 
@@ -66,7 +66,7 @@ def export(mf: ModelFile, path: str | os.PathLike, fmt: str, *, batch_size: int 
             error = relative_error(run_exported(staged, fmt, check), model(check).detach())
         except Exception as e:  # the runtimes raise their own types; the first line says what failed
             raise ExportError(f"the exported model fails on a batch of {len(check)}: "
-                              f"{str(e).strip().splitlines()[0]}") from None
+                              f"{reason(e)}") from None
         if error > TOLERANCE:
             raise ExportError(f"the exported model differs from PyTorch: relative error {error:.2e} > {TOLERANCE}")
         atomic_write(path, staged.read_bytes())

@@ -1,4 +1,5 @@
-"""Atomic writes: a crash leaves the old file or the new one, never half of one."""
+"""File I/O helpers: atomic writes (a crash leaves the old file or the new one, never half of one), and the
+one-line reason of a failed read or write."""
 
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def reason(e: BaseException) -> str:
+    """The first line of an exception's message (or its type, if it has none), for one-line errors."""
+    lines = str(e).strip().splitlines()
+    return lines[0].rstrip(": ") if lines else type(e).__name__
 
 
 def save_torch(obj: object, path: str | os.PathLike) -> None:

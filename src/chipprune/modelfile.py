@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .fileio import save_torch
+from .fileio import reason, save_torch
 from .models import RegistryModel, create_model, get_arch
 from .models.resnet_cifar import ChannelShortcut
 
@@ -68,13 +68,9 @@ def safe_load(path: str | os.PathLike) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
         # torch's own message advises weights_only=False, which would run the file's code: keep its detail only.
-        detail = str(e).partition("WeightsUnpickler error:")[2].strip().split("\n\n")[0].strip() or _first_line(e)
+        detail = str(e).partition("WeightsUnpickler error:")[2].strip().split("\n\n")[0].strip() or reason(e)
         raise ModelFileError(f"{path}: cannot be read safely as a weights file: corrupt or truncated, or holding "
                              f"objects other than tensors and plain containers ({detail})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def load_model(path: str | os.PathLike) -> ModelFile:

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from ..fileio import save_torch
+from ..fileio import reason, save_torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -158,7 +158,7 @@ def _read_archives(archives: list[Path], split: str, progress: bool) -> ImageSpl
                     return _read_tree_archive(path, tar, tree, names[0], progress)
                 found += [f"{s} in {path.name}" for s in sorted(tree)]
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-            raise DataError(f"corrupt or truncated archive {path}: {_reason(e)}") from None
+            raise DataError(f"corrupt or truncated archive {path}: {reason(e)}") from None
     where = archives[0] if len(archives) == 1 else archives[0].parent
     raise DataError(f"no {split!r} split in {where} (found: {', '.join(found) or 'no images'})")
 
@@ -245,12 +245,7 @@ def _file_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or _reason(e)}") from None
-
-
-def _reason(e: BaseException) -> str:
-    """The first line of an exception's message, to keep a DataError on one line."""
-    return (str(e).splitlines() or [type(e).__name__])[0].rstrip(": ")
+        raise DataError(f"cannot read {path}: {e.strerror or reason(e)}") from None
 
 
 def _member_bytes(tar: tarfile.TarFile, member: TarInfo) -> bytes:
@@ -269,7 +264,7 @@ def _decode(raw: bytes, name: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(raw)).convert("RGB")
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot decode image {name}: {_reason(e)}") from None
+        raise DataError(f"cannot decode image {name}: {reason(e)}") from None
 
 
 def _decode_small(
@@ -323,7 +318,7 @@ def _unpickle(files: dict[str, bytes], name: str, where: str) -> dict[str, Any]:
     except DataError as e:
         raise DataError(f"refusing to load {file}: {e}") from None
     except Exception as e:  # a corrupt pickle can fail in many ways: UnpicklingError, EOFError, KeyError, ...
-        raise DataError(f"corrupt CIFAR-10 batch {file}: {type(e).__name__}: {_reason(e)}") from None
+        raise DataError(f"corrupt CIFAR-10 batch {file}: {type(e).__name__}: {reason(e)}") from None
     batch = (
         {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
         if isinstance(obj, dict)
@@ -397,7 +392,7 @@ def _save_cache(cache: Path, data: ImageSplit) -> None:
     try:
         save_torch({"classes": data.classes, "labels": data.labels, "images": data.images}, cache)
     except OSError as e:
-        raise DataError(f"cannot write cache {cache}: {_reason(e)} (set cache_dir= or CHIP_CACHE_DIR)") from None
+        raise DataError(f"cannot write cache {cache}: {reason(e)} (set cache_dir= or CHIP_CACHE_DIR)") from None
 
 
 def _load_cache(cache: Path) -> ImageSplit:
@@ -406,4 +401,4 @@ def _load_cache(cache: Path) -> ImageSplit:
         d = torch.load(cache, weights_only=True)
         return ImageSplit(list(d["classes"]), d["labels"], d["images"])
     except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:
-        raise DataError(f"unreadable cache file {cache} (delete it): {_reason(e)}") from None
+        raise DataError(f"unreadable cache file {cache} (delete it): {reason(e)}") from None
