@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from chipprune.calibrate import CalibrationError, score_layers
+from chipprune.calibrate import CalibrationError, recalibrate_bn, score_layers
 from chipprune.criteria import CHIP, L1, HRank, Random, get_criterion
 from chipprune.models import create_model
 from reference import reference_ci
@@ -81,3 +81,25 @@ def test_no_images_and_unknown_criterion():
         score_layers(model, model.channel_layers(), CHIP(), [])
     with pytest.raises(ValueError, match="known: chip"):
         get_criterion("taylor")
+
+
+def test_recalibrated_bn_holds_the_statistics_of_all_the_batches_and_weights_stay():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    norm = model[1]
+    norm.momentum = 0.3
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    data = batches(3, 5)
+    assert recalibrate_bn(model, data) == 15
+    with torch.no_grad():
+        maps = torch.cat([model[0](x) for x, _ in data])
+    # The mean of the per-batch means (equal batch sizes) is the mean over all the images.
+    assert torch.allclose(norm.running_mean, maps.mean((0, 2, 3)), atol=1e-5)
+    assert norm.momentum == 0.3 and not model.training
+    assert all(torch.equal(v, weights[k]) for k, v in model.named_parameters())
+
+
+def test_recalibration_needs_a_norm_and_images():
+    with pytest.raises(CalibrationError, match="no BatchNorm"):
+        recalibrate_bn(torch.nn.Conv2d(3, 4, 3), batches())
+    with pytest.raises(CalibrationError, match="no images"):
+        recalibrate_bn(create_model("resnet20"), [])

@@ -57,6 +57,18 @@ def test_score_prune_eval(capsys, workdir):
     assert code == 0 and r["images"] == 20 and 0 <= r["top1"] <= r["top5"] <= 100
 
 
+def test_prune_recalibrates_batchnorm_on_training_batches(capsys, workdir):
+    d = workdir
+    common = ["prune", d / "r20.pt", "--criterion", "l1", "--sparsity", "[0.]+[0.5]*11", "--batch-size", "8"]
+    assert run(capsys, *common, "--out", d / "plain.pt")[0] == 0
+    code, out, _ = run(capsys, *common, "--data", d / "data", "--recalibrate-bn", "2", "--out", d / "bn.pt", "--json")
+    assert code == 0 and json.loads(out)["recalibrated_bn_images"] == 16
+    plain, recal = load_model(d / "plain.pt"), load_model(d / "bn.pt")
+    assert recal.meta["pruned"]["recalibrated_bn_images"] == 16
+    assert torch.equal(plain.model.conv1.weight, recal.model.conv1.weight)
+    assert not torch.allclose(plain.model.bn1.running_mean, recal.model.bn1.running_mean)
+
+
 def test_weight_criteria_prune_without_data(capsys, workdir):
     code, _, _ = run(capsys, "prune", workdir / "r20.pt", "--criterion", "l1", "--sparsity", "[0.]+[0.5]*11",
                      "--out", workdir / "l1.pt")
@@ -76,6 +88,8 @@ def test_fewer_images_than_asked_warns_and_uses_them(capsys, workdir):
     (["profile", "nope.pt"], "no such file"),
     (["prune", "{d}/r20.pt", "--sparsity", "[0.]*12", "--out", "{d}/x.pt"], "--data is needed"),
     (["eval", "{d}/r20.pt", "--data", "{d}/missing"], "missing"),
+    (["prune", "{d}/r20.pt", "--criterion", "l1", "--sparsity", "[0.]*12", "--recalibrate-bn", "2", "--out",
+      "{d}/x.pt"], "--recalibrate-bn needs --data"),
     (["prune", "{d}/r20.pt", "--scores", "{d}/data/train/cat/0.png", "--sparsity", "[0.]*12", "--out", "{d}/x.pt"],
      "cannot read scores"),
 ])

@@ -1,4 +1,5 @@
-"""One pass over calibration images that scores every prunable layer at once, through forward hooks.
+"""Calibration passes: one pass that scores every prunable layer at once, through forward hooks, and the
+re-estimation of BatchNorm statistics after pruning.
 
 Under torchrun (a process group initialized), each process scores its share of every batch and the sums are
 all-reduced: every process ends with the scores of all the images."""
@@ -63,3 +64,29 @@ def score_layers(model: nn.Module, layers: list[ChannelLayer], criterion: Criter
     if images == 0:
         raise CalibrationError("no calibration images")
     return {conv: s / images for conv, s in sums.items()}, images
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *,
+                   device: str | torch.device = "cpu", progress: bool = False) -> int:
+    """Re-estimate every BatchNorm's running statistics on `batches` (no weight update); the images used."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise CalibrationError("the model has no BatchNorm layer to recalibrate")
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over all the batches, not an exponential one
+    model.train().to(device)
+    images = 0
+    try:
+        for x, _ in tqdm(batches, desc="recalibrating BatchNorm", unit="batch", disable=not progress):
+            model(x.to(device))
+            images += len(x)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
+    if images == 0:
+        raise CalibrationError("no images to recalibrate BatchNorm with")
+    return images

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import __version__, sparsity
-from .calibrate import CalibrationError, score_layers
+from .calibrate import CalibrationError, recalibrate_bn, score_layers
 from .criteria import CRITERIA, ActivationCriterion, get_criterion
 from .data import DataError, ImageSplit, batches, load_split
 from .evaluate import evaluate
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", help="scores JSON from `chip score` (skips calibration)")
     p.add_argument("--residual", choices=RESIDUAL_MODES, default="coupled",
                    help="coupled: one channel set per residual stage; paper: per block, shortcuts by position")
+    p.add_argument("--recalibrate-bn", type=int, default=0, metavar="B",
+                   help="after pruning, re-estimate BatchNorm statistics on B training batches of --batch-size "
+                        "(train mode, no weight update; needs --data); 0: keep the parent's")
     p.add_argument("--json", action="store_true", help="print the result as JSON to stdout")
     _add_scoring_options(p, data_required=False)
     p.set_defaults(run=cmd_prune)
@@ -342,6 +345,10 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> None:
     """Prune to a sparsity and save the smaller model."""
+    if args.recalibrate_bn < 0:
+        raise UsageError(f"--recalibrate-bn must be >= 0, got {args.recalibrate_bn}")
+    if args.recalibrate_bn and not args.data:
+        raise UsageError("--recalibrate-bn needs --data (its batches come from the train split)")
     mf = load_model(args.model)
     widths = sparsity.widths(mf.arch, args.sparsity)
     scores, how, writer = _scores(args, mf)
@@ -351,6 +358,14 @@ def cmd_prune(args: argparse.Namespace) -> None:
         pruned = prune(mf.model, scores, widths, args.residual)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.recalibrate_bn:
+        train = load_split(args.data, "train")
+        # Other images than the calibration's (seed + 1), without augmentation: the statistics of test-like inputs.
+        stream = batches(train, args.batch_size, mean=mf.mean, std=mf.std, shuffle=True, seed=args.seed + 1,
+                         limit=args.recalibrate_bn * args.batch_size, workers=args.workers,
+                         image_size=get_arch(mf.arch).input_size)
+        how["recalibrated_bn_images"] = recalibrate_bn(pruned, stream, device=args.device, progress=True)
+        pruned.cpu()
     rates = sparsity.format_rates(sparsity.resolve(mf.arch, args.sparsity))
     meta = {**mf.meta, "pruned": {"sparsity": rates, "residual": args.residual, **how,
                                   "parent": Path(args.model).name}}
