@@ -429,3 +429,65 @@ def test_shared_cifar10_jpeg_test_tarball(cache: Path) -> None:
     assert len(data) == 10_000 and len(data.classes) == 10 and data.classes[0] == "airplane"
     assert data.images is not None and data.images.shape == (10_000, 3, 32, 32)
     assert torch.bincount(data.labels).tolist() == [1000] * 10
+
+
+# ---- hardening (issue #7) ----------------------------------------------------------------------------------
+
+
+def test_small_images_of_mixed_sizes_are_an_error_naming_two(tmp_path: Path, cache: Path) -> None:
+    make_tree(tmp_path / "root", {"train": {"a": 2, "b": 2}}, size=(8, 6))
+    Image.new("RGB", (7, 6)).save(tmp_path / "root/train/b/01.png")
+    with pytest.raises(DataError, match=r"must all be one size: .*a/00.png is 8x6, .*b/01.png is 7x6$"):
+        load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
+    assert not cache.exists(), "nothing cached"
+
+
+def test_small_then_large_images_are_read_lazily(tmp_path: Path, cache: Path) -> None:
+    make_tree(tmp_path / "root", {"train": {"a": 1, "b": 1, "c": 1}}, size=(8, 6))  # ImageNet has tiny images too
+    Image.new("RGB", (7, 6)).save(tmp_path / "root/train/b/00.png")
+    Image.new("RGB", (300, 200)).save(tmp_path / "root/train/c/00.png")
+    data = load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
+    assert data.images is None and data.paths is not None and len(data.paths) == 3
+
+
+@pytest.mark.parametrize(("name", "message"), [("d.tar.gz", "empty archive .*d.tar.gz"),
+                                               ("root/train/a/00.png", "empty image file .*a/00.png")])
+def test_empty_files_are_named(tmp_path: Path, cache: Path, name: str, message: str) -> None:
+    make_tree(tmp_path / "root", {"train": {"a": 2}})
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(DataError, match=message):
+        load_split(tmp_path / name.split("/")[0], "train", cache_dir=cache, progress=False)
+
+
+def test_an_absent_split_is_told_apart_from_a_damaged_one(tmp_path: Path, cache: Path) -> None:
+    make_tree(tmp_path / "root", {"train": {"a": 2}})
+    with pytest.raises(sources.MissingSplit):
+        load_split(tmp_path / "root", "test", cache_dir=cache, progress=False)
+    make_tree(tmp_path / "root", {"test": {"a": 1}})
+    (tmp_path / "root/test/a/00.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cannot decode") as err:
+        load_split(tmp_path / "root", "test", cache_dir=cache, progress=False)
+    assert not isinstance(err.value, sources.MissingSplit)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02garbage", "malicious", "wrong-dtype"])
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's note on the pickle protocol
+def test_a_damaged_cache_file_is_decoded_again(
+    tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str], content: bytes | str
+) -> None:
+    expected = make_tree(tmp_path / "root", {"train": {"a": 2}})
+    load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
+    (file,) = cache.iterdir()
+    if content == "malicious":
+        file.write_bytes(pickle.dumps({"classes": _Payload(os.system, (f"touch {tmp_path / 'pwned'}",))}))
+    elif content == "wrong-dtype":
+        torch.save({"classes": ["a"], "labels": torch.zeros(2, dtype=torch.int64), "images": torch.zeros(2, 3)}, file)
+    else:
+        file.write_bytes(content)  # type: ignore[arg-type]
+    data = load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
+    assert data.images is not None and torch.equal(data.images, expected["train"][0])
+    err = capsys.readouterr().err
+    assert f"ignoring unreadable cache file {file}" in err and "weights_only" not in err
+    assert not (tmp_path / "pwned").exists()
+    assert load_split(tmp_path / "root", "train", cache_dir=cache, progress=False).images is not None
+    assert capsys.readouterr().err == "", "rewritten: read from the cache again"

@@ -262,3 +262,18 @@ def test_distributed_calibration_equals_one_process(tmp_path, monkeypatch):
         assert got["images"] == images == 10
         for conv, s in scores.items():
             torch.testing.assert_close(got["scores"][conv], s, rtol=1e-12, atol=1e-12)
+
+
+# ---- hardening (issue #7) ----------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_with_damaged_training_state_is_a_one_line_error(workdir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(finetune_args(workdir, "run", "--epochs", "1", "--train-subset", "32")) == 0
+    d = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    del d["training"]["optimizer"]
+    torch.save(d, tmp_path / "run" / "last.pt")
+    capsys.readouterr()
+    assert main(finetune_args(workdir, "run", "--epochs", "1", "--train-subset", "32", "--resume")) == 2
+    err = capsys.readouterr().err.split("\n")[-2]
+    assert err.endswith("run/last.pt: damaged checkpoint: its training state has no valid 'optimizer'")

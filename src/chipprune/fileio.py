@@ -42,6 +42,24 @@ def reason(e: BaseException) -> str:
     return lines[0].rstrip(": ") if lines else type(e).__name__
 
 
+def load_reason(e: BaseException) -> str:
+    """The one-line reason of a failed `torch.load`, without torch's advice to disable weights_only."""
+    text = str(e).partition("WeightsUnpickler error:")[2] or str(e)  # older torch put its reason after this
+    # torch 2.6+ opens with "Weights only load failed ... weights_only=False ..." and closes with a link to the docs:
+    # following that advice would run the file's code, so keep the paragraphs between, which say what was found.
+    kept = [p.strip() for p in text.split("\n\n") if p.strip() and "weights_only" not in p and "torch.load" not in p]
+    if not kept:
+        return type(e).__name__
+    # Only the first sentence of the first line: torch's zip reader appends a paragraph of advice in the same line.
+    return kept[0].splitlines()[0].split(". ")[0].rstrip(".: ") or type(e).__name__
+
+
+def stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Temp files of atomic writes to `path` that a killed process left behind (never read as `path` itself)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
 def save_torch(obj: object, path: str | os.PathLike) -> None:
     """torch.save, atomically."""
     buffer = io.BytesIO()

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .fileio import reason, save_torch
-from .models import RegistryModel, create_model, get_arch
+from .fileio import load_reason, reason, save_torch
+from .models import ARCHS, RegistryModel, create_model, get_arch
 from .models.resnet_cifar import ChannelShortcut
 
 FORMAT = "chipprune-model/1"
@@ -62,15 +62,15 @@ def safe_load(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{path}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's note on the pickle protocol, before it refuses
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
-        # torch's own message advises weights_only=False, which would run the file's code: keep its detail only.
-        detail = str(e).partition("WeightsUnpickler error:")[2].strip().split("\n\n")[0].strip() or reason(e)
         raise ModelFileError(f"{path}: cannot be read safely as a weights file: corrupt or truncated, or holding "
-                             f"objects other than tensors and plain containers ({detail})") from None
+                             f"objects other than tensors and plain containers ({load_reason(e)})") from None
 
 
 def load_model(path: str | os.PathLike) -> ModelFile:
@@ -83,11 +83,43 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelFile, dict[str, Any] 
     d = safe_load(path)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a chipprune model file (convert third-party weights with `chip import`)")
-    get_arch(d["arch"])
-    model = create_model(d["arch"], d["widths"], d["num_classes"])
+    _check_fields(d, str(path))
+    try:
+        model = create_model(d["arch"], d["widths"], d["num_classes"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:  # widths the architecture cannot be built with
+        raise ModelFileError(f"{path}: its widths do not fit {d['arch']}: {reason(e)}") from None
+    if dict(model.widths) != d["widths"]:
+        odd = sorted(set(d["widths"]) ^ set(model.widths)) or sorted(d["widths"])
+        raise ModelFileError(f"{path}: its widths do not fit {d['arch']}: {', '.join(odd[:5])}")
     _load_state(model, d["state_dict"], str(path))
     mf = ModelFile(d["arch"], model, tuple(d["mean"]), tuple(d["std"]), list(d["classes"]), d.get("meta", {}))
     return mf, d.get("training")
+
+
+def _check_fields(d: dict[str, Any], source: str) -> None:
+    """Raise a ModelFileError naming the first field of a model file dict that is missing or of the wrong kind."""
+    def numbers(v: object) -> bool:
+        return isinstance(v, list | tuple) and len(v) == 3 and all(isinstance(x, int | float) for x in v)
+
+    checks = {
+        "arch": lambda v: v in ARCHS,
+        "widths": lambda v: isinstance(v, dict) and all(isinstance(k, str) and type(c) is int and c > 0
+                                                        for k, c in v.items()),
+        "num_classes": lambda v: type(v) is int and v > 0,
+        "mean": numbers,
+        "std": lambda v: numbers(v) and min(v) > 0,
+        "classes": lambda v: isinstance(v, list) and len(v) == d.get("num_classes")
+        and all(isinstance(c, str) for c in v),
+        "state_dict": lambda v: isinstance(v, dict) and all(isinstance(t, Tensor) for t in v.values()),
+        "meta": lambda v: isinstance(v, dict),
+        "training": lambda v: v is None or isinstance(v, dict),
+    }
+    for name, ok in checks.items():
+        if name not in d and name not in ("meta", "training"):
+            raise ModelFileError(f"{source}: damaged model file: no {name!r}")
+        if name in d and not ok(d[name]):
+            what = f"unknown architecture {d[name]!r}" if name == "arch" else f"invalid {name!r}"
+            raise ModelFileError(f"{source}: damaged model file: {what}")
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
@@ -136,15 +168,22 @@ def import_weights(arch: str, weights: str | os.PathLike, normalize: str = "imag
         raise ModelFileError(f"{weights}: expected a state_dict of tensors, or a dict holding one under 'state_dict'")
     state = {_rename(k): v for k, v in state.items()}
     full = create_model(arch)
-    widths = {conv: int(state[f"{conv}.weight"].shape[0]) if f"{conv}.weight" in state else c
+    # Pruned widths from the conv weights' shapes; a tensor of another rank keeps the full width, and the shape
+    # check of _load_state lists it.
+    widths = {conv: _rows(state.get(f"{conv}.weight"), 4) or c
               for conv, c in full.widths.items()}  # type: ignore[union-attr, operator]
     head = state.get("fc.weight", state.get("classifier.linear2.weight"))
-    num_classes = int(head.shape[0]) if head is not None else get_arch(arch).num_classes
+    num_classes = _rows(head, 2) or get_arch(arch).num_classes
     model = create_model(arch, widths, num_classes)
     _load_state(model, state, str(weights))
     if classes is None:
         classes = CIFAR10_CLASSES if num_classes == 10 else [f"class_{i}" for i in range(num_classes)]
     return ModelFile(arch, model, mean, std, classes, {"imported_from": Path(weights).name})
+
+
+def _rows(t: Tensor | None, dim: int) -> int:
+    """The first dimension of a `dim`-d tensor, or 0 if it is absent or of another rank."""
+    return int(t.shape[0]) if t is not None and t.dim() == dim else 0
 
 
 def _rename(key: str) -> str:

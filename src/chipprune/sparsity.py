@@ -8,6 +8,7 @@ from .models import get_arch
 
 _TERM = re.compile(r"\[\s*([^\[\]]*?)\s*\](?:\s*\*\s*(\d+))?")
 _NUMBER = re.compile(r"(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+MAX_RATES = 10_000  # far above any network's layer count; a larger repeat would only build a huge list
 
 
 class SparsityError(ValueError):
@@ -27,7 +28,10 @@ def parse_rates(text: str) -> list[float]:
         if not m:
             raise SparsityError(f"cannot read {term.strip()!r} in {text!r}: expected [rate, …] or [rate]*count")
         values = [_number(t) for t in m.group(1).split(",")]
-        rates += values * int(m.group(2) or 1)
+        count = int(m.group(2) or 1)
+        if len(rates) + len(values) * count > MAX_RATES:
+            raise SparsityError(f"too many rates: the sparsity string asks for more than {MAX_RATES}")
+        rates += values * count
     return rates
 
 

@@ -28,14 +28,20 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .data import DataError, ImageSplit, batches, load_split
+from .data import ImageSplit, batches, load_split
+from .data.sources import MissingSplit
 from .evaluate import evaluate
-from .fileio import atomic_write, save_json
+from .fileio import atomic_write, save_json, stale_temps
 from .modelfile import ModelFile, load_checkpoint
 from .models import RegistryModel, get_arch
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
 LOG_EVERY = 10  # steps between progress-bar updates: each one waits for the device
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "curves.png")
+# What a checkpoint's training state holds (see _training_state), checked before a resume relies on it.
+TRAINING_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "step": int, "history": list, "best_top1": (float, type(None)), "partial": list, "config": dict,
+    "optimizer": dict, "scaler": dict, "rng": dict}
 
 
 class TrainError(ValueError):
@@ -116,7 +122,7 @@ def load_data(source: str, val_source: str | None, subset: int | None, seed: int
                         spans=None if train.spans is None else train.spans[idx])
     try:
         test = load_split(val_source or source, "test", progress=place.rank == 0)
-    except DataError as e:
+    except MissingSplit as e:  # a damaged split is an error, not a reason to train without evaluation
         if val_source:
             raise
         if place.rank == 0:
@@ -160,6 +166,7 @@ def fit(mf: ModelFile, train: ImageSplit, test: ImageSplit | None, cfg: Config, 
             print(f"--resume: no {last} yet, starting the run", file=sys.stderr)
         state = {"step": 0, "history": [], "best_top1": None, "partial": [0.0] * 4}
     if place.rank == 0:
+        _remove_stale_temps(run)
         save_json({**(about or {}), "config": asdict(cfg), "processes": place.world, "device": str(place.device),
                    "channels_last": channels_last, "compile": compile, "train_images": len(train),
                    "test_images": len(test) if test else None, "steps_per_epoch": steps, "start_step": state["step"],
@@ -249,6 +256,13 @@ def fit(mf: ModelFile, train: ImageSplit, test: ImageSplit | None, cfg: Config, 
     return history
 
 
+def _remove_stale_temps(run: Path) -> None:
+    """Delete the half-written temp files that a process killed while writing a run file left behind."""
+    for name in RUN_FILES:
+        for tmp in stale_temps(run / name):
+            tmp.unlink(missing_ok=True)
+
+
 def _to(split: ImageSplit, device: torch.device) -> ImageSplit:
     """An in-memory split with its images and labels on `device`; a lazy one as it is, for its loader processes."""
     if split.images is None:
@@ -297,6 +311,9 @@ def _resume(last: Path, cfg: Config) -> tuple[ModelFile, dict[str, Any]]:
     mf, state = load_checkpoint(last)
     if state is None:
         raise TrainError(f"{last} is a model file without training state: nothing to resume")
+    missing = [k for k, kind in TRAINING_FIELDS.items() if k not in state or not isinstance(state[k], kind)]
+    if missing:
+        raise TrainError(f"{last}: damaged checkpoint: its training state has no valid {missing[0]!r}")
     diff = [f"{k} {state['config'].get(k)} (now {v})" for k, v in asdict(cfg).items() if state["config"].get(k) != v]
     if diff:
         raise TrainError(f"--resume: the run in {last.parent} was made with {', '.join(diff)}: give the same options")

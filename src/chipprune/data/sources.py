@@ -7,7 +7,9 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 import tarfile
+import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from ..fileio import reason, save_torch
+from ..fileio import load_reason, reason, save_torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -34,6 +36,10 @@ T = TypeVar("T")
 
 class DataError(ValueError):
     """A data source that cannot be read as asked (message is one clear line)."""
+
+
+class MissingSplit(DataError):
+    """A data source that is readable but has no such split (as opposed to a damaged one)."""
 
 
 @dataclass(eq=False)
@@ -69,8 +75,9 @@ def load_split(
     if not path.exists():
         raise DataError(f"no such file or folder: {path}")
     cache = _cache_file(path, split, cache_dir)
-    if cache.is_file():
-        return _load_cache(cache)
+    cached = _load_cache(cache) if cache.is_file() else None
+    if cached is not None:
+        return cached
     data = _read(path, split, progress)
     if data.images is not None:
         _save_cache(cache, data)
@@ -107,7 +114,7 @@ def _read(path: Path, split: str, progress: bool) -> ImageSplit:
         return _read_folder(path, split, progress)
     if path.name in SPLITS:
         if path.name not in SPLITS[split]:
-            raise DataError(f"{path} is the {path.name!r} split, not {split!r}")
+            raise MissingSplit(f"{path} is the {path.name!r} split, not {split!r}")
         return _read_folder(path.parent, path.name, progress)
     archives = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(TAR_SUFFIXES))
     if not archives:
@@ -120,7 +127,7 @@ def _read_folder(root: Path, split: str, progress: bool) -> ImageSplit:
     present = [s for s in SPLITS if (root / s).is_dir()]
     names = [s for s in SPLITS[split] if s in present]
     if not names:
-        raise DataError(f"no {split!r} split in {root} (found: {', '.join(present) or 'nothing'})")
+        raise MissingSplit(f"no {split!r} split in {root} (found: {', '.join(present) or 'nothing'})")
     split_dir, other = root / names[0], _other_split(names[0], present)
     groups = {
         d.name: sorted(p for p in d.iterdir() if p.is_file() and _is_image(p.name)) for d in _dirs(split_dir)
@@ -138,6 +145,8 @@ def _read_archives(archives: list[Path], split: str, progress: bool) -> ImageSpl
     """Read a split from the first of `archives` (CIFAR-10 python or image-tree tarballs) that holds it."""
     found: list[str] = []
     for path in archives:
+        if path.stat().st_size == 0:
+            raise DataError(f"empty archive {path} (0 bytes)")
         try:
             with tarfile.open(path) as tar:
                 members = tar.getmembers()
@@ -160,7 +169,7 @@ def _read_archives(archives: list[Path], split: str, progress: bool) -> ImageSpl
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             raise DataError(f"corrupt or truncated archive {path}: {reason(e)}") from None
     where = archives[0] if len(archives) == 1 else archives[0].parent
-    raise DataError(f"no {split!r} split in {where} (found: {', '.join(found) or 'no images'})")
+    raise MissingSplit(f"no {split!r} split in {where} (found: {', '.join(found) or 'no images'})")
 
 
 def _member_tree(members: list[TarInfo]) -> dict[str, dict[str, list[TarInfo]]]:
@@ -261,6 +270,8 @@ def _member_bytes(tar: tarfile.TarFile, member: TarInfo) -> bytes:
 
 def _decode(raw: bytes, name: str) -> Image.Image:
     """Decode an encoded image to RGB."""
+    if not raw:
+        raise DataError(f"empty image file {name} (0 bytes)")
     try:
         return Image.open(io.BytesIO(raw)).convert("RGB")
     except (OSError, ValueError, SyntaxError) as e:
@@ -270,20 +281,36 @@ def _decode(raw: bytes, name: str) -> Image.Image:
 def _decode_small(
     stream: Iterator[tuple[int, bytes, str]], n: int, desc: str, progress: bool
 ) -> Tensor | None:
-    """Decode (index, bytes, name) images to uint8 [n, 3, H, W]; None (early) unless all one size <= SMALL."""
-    i, raw, name = next(stream)
-    img = _decode(raw, name)
+    """Decode (index, bytes, name) images to uint8 [n, 3, H, W]; None (early) unless all are <= SMALL px.
+
+    Small images are kept as one tensor, used as they are (no resize): they must all be one size. A mix of sizes
+    among them is an error naming two files, found once every image is known to be small."""
+    i, raw, first = next(stream)
+    img = _decode(raw, first)
     if max(img.size) > SMALL:
         return None
+    size = img.size
     out = np.empty((n, img.height, img.width, 3), np.uint8)
     out[i] = np.asarray(img)
+    odd: tuple[str, tuple[int, int]] | None = None  # the first image of another size
     bar = tqdm(stream, desc=f"decoding {desc}", total=n, initial=1, unit="img", disable=not progress)
     for i, raw, name in bar:
         img = _decode(raw, name)
-        if img.size != (out.shape[2], out.shape[1]):
-            return None
+        if max(img.size) > SMALL:
+            return None  # a dataset of large images, some of them small: read lazily, each resized
+        if img.size != size:
+            odd = odd or (name, img.size)
+            continue
         out[i] = np.asarray(img)
+    if odd is not None:
+        raise DataError(f"images of {SMALL} px or less are used unresized, so must all be one size: "
+                        f"{first} is {_wxh(size)}, {odd[0]} is {_wxh(odd[1])}")
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _wxh(size: tuple[int, int]) -> str:
+    """A (width, height) as WxH."""
+    return f"{size[0]}x{size[1]}"
 
 
 # ---- CIFAR-10 python batches -------------------------------------------------------------------------------
@@ -395,10 +422,34 @@ def _save_cache(cache: Path, data: ImageSplit) -> None:
         raise DataError(f"cannot write cache {cache}: {reason(e)} (set cache_dir= or CHIP_CACHE_DIR)") from None
 
 
-def _load_cache(cache: Path) -> ImageSplit:
-    """Read a cached split; weights_only loading builds tensors and plain containers only."""
+def _load_cache(cache: Path) -> ImageSplit | None:
+    """A cached split, or None (with a warning) if the file is not one: weights_only loading builds tensors and
+    plain containers only, and a damaged cache is decoded again rather than trusted."""
     try:
-        d = torch.load(cache, weights_only=True)
-        return ImageSplit(list(d["classes"]), d["labels"], d["images"])
-    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:
-        raise DataError(f"unreadable cache file {cache} (delete it): {reason(e)}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's note on the pickle protocol, before it refuses
+            d = torch.load(cache, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe files
+        why = load_reason(e)
+    else:
+        split = _cached_split(d)
+        if split is not None:
+            return split
+        why = "not a cached split"
+    print(f"warning: ignoring unreadable cache file {cache} ({why}): decoding the images again", file=sys.stderr)
+    return None
+
+
+def _cached_split(d: object) -> ImageSplit | None:
+    """The split a cache file's dict describes, if it is a well-formed one."""
+    if not isinstance(d, dict):
+        return None
+    classes, labels, images = d.get("classes"), d.get("labels"), d.get("images")
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+            and isinstance(labels, Tensor) and isinstance(images, Tensor)):
+        return None
+    if not (images.dtype == torch.uint8 and images.dim() == 4 and images.shape[1] == 3
+            and labels.dtype == torch.int64 and labels.shape == images.shape[:1]
+            and (len(labels) == 0 or 0 <= int(labels.min()) <= int(labels.max()) < len(classes))):
+        return None
+    return ImageSplit(classes, labels, images)
