@@ -3,7 +3,7 @@ import torch
 
 from chipprune.calibrate import CalibrationError, recalibrate_bn, score_layers
 from chipprune.criteria import CHIP, L1, HRank, Random, get_criterion
-from chipprune.models import create_model
+from chipprune.models import ChannelLayer, create_model
 from reference import reference_ci
 
 
@@ -103,3 +103,46 @@ def test_recalibration_needs_a_norm_and_images():
         recalibrate_bn(torch.nn.Conv2d(3, 4, 3), batches())
     with pytest.raises(CalibrationError, match="no images"):
         recalibrate_bn(create_model("resnet20"), [])
+
+
+class RunsOutOfMemory(torch.nn.Module):
+    """A ResNet-20 whose forward fails like the CPU allocator above `most` images at once, after its first layers
+    have already been scored (so a retry must undo their partial sums)."""
+
+    def __init__(self, most: int) -> None:
+        super().__init__()
+        self.net, self.most, self.calls = create_model("resnet20"), most, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.net.layer1(self.net.relu(self.net.bn1(self.net.conv1(x))))
+        if len(x) > self.most:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return self.net.fc(self.net.avgpool(self.net.layer3(self.net.layer2(out))).flatten(1))
+
+
+def wrapped_layers(model: RunsOutOfMemory) -> list[ChannelLayer]:
+    return [ChannelLayer(f"net.{layer.conv}", f"net.{layer.act}", layer.group) for layer in model.net.channel_layers()]
+
+
+def test_running_out_of_memory_retries_with_smaller_batches_and_scores_the_same():
+    model = RunsOutOfMemory(most=3).eval()
+    layers = wrapped_layers(model)
+    data = batches(3, 8)
+    expected, _ = score_layers(model.net, model.net.channel_layers(), CHIP(), data)
+    with pytest.warns(UserWarning) as caught:
+        scores, images = score_layers(model, layers, CHIP(), data)
+    assert [str(w.message).split(" (")[0] for w in caught] == [
+        "out of memory scoring 8 images at once on cpu: going on with 4",
+        "out of memory scoring 4 images at once on cpu: going on with 2"]
+    assert images == 24
+    for layer in model.net.channel_layers():
+        torch.testing.assert_close(scores[f"net.{layer.conv}"], expected[layer.conv], rtol=1e-9, atol=1e-12)
+    assert model.calls == 2 + 3 * 4  # 8 fails, 4 fails; then every batch goes in pieces of 2
+
+
+def test_out_of_memory_on_one_image_says_what_to_change():
+    model = RunsOutOfMemory(most=0).eval()
+    layers = wrapped_layers(model)
+    with pytest.warns(UserWarning), pytest.raises(CalibrationError, match="out of memory scoring a single image"):
+        score_layers(model, layers, CHIP(), batches(1, 2))

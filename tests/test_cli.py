@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from chipprune.cli import main
+from chipprune.graph import prune_model
 from chipprune.modelfile import CIFAR10_CLASSES, ModelFile, load_model
 from chipprune.models import create_model
 from images import write_image_folder
@@ -92,6 +93,11 @@ def test_fewer_images_than_asked_warns_and_uses_them(capsys, workdir):
       "{d}/x.pt"], "--recalibrate-bn needs --data"),
     (["prune", "{d}/r20.pt", "--scores", "{d}/data/train/cat/0.png", "--sparsity", "[0.]*12", "--out", "{d}/x.pt"],
      "cannot read scores"),
+    (["prune", "{d}/r20.pt", "--criterion", "l1", "--sparsity", "[0.]*12", "--global", "--out", "{d}/x.pt"],
+     "--global and --round-to apply to --flops-target"),
+    (["prune", "{d}/r20.pt", "--criterion", "l1", "--flops-target", "0.5", "--residual", "paper", "--out",
+      "{d}/x.pt"], "--residual paper applies to --sparsity"),
+    (["prune", "{d}/r20.pt", "--criterion", "l1", "--flops-target", "1.5", "--out", "{d}/x.pt"], "(0, 1]"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(capsys, workdir, args, message):
     code, out, err = run(capsys, *[a.format(d=workdir) for a in args])
@@ -124,3 +130,42 @@ def test_import_then_eval_matches_the_weights(capsys, workdir):
     mf = load_model(workdir / "imp.pt")
     assert torch.equal(mf.model.fc.weight, state["module.linear.weight"])
     assert mf.mean == (0.485, 0.456, 0.406)
+
+
+def test_prune_to_a_flops_target_saves_a_model_that_loads_as_pruned(capsys, workdir):
+    d = workdir
+    code, out, _ = run(capsys, "prune", d / "r20.pt", "--criterion", "l1", "--flops-target", "0.6", "--out",
+                       d / "f.pt", "--json")
+    r = json.loads(out)
+    assert code == 0 and (r["flops_target"], r["scope"], r["round_to"]) == (0.6, "local", None)
+    assert abs(r["flops"] / r["base_flops"] - 0.6) <= 0.012
+    loaded = load_model(d / "f.pt")
+    assert loaded.meta["pruned"]["flops_target"] == 0.6 and loaded.model.widths["layer2.0.conv1"] < 32
+    # The same pruning through the API: the file holds exactly that model, shortcut maps included.
+    parent = load_model(d / "r20.pt").model
+    direct = prune_model(parent, torch.zeros(1, 3, 32, 32), [], flops_target=0.6, criterion="l1",
+                         ignored_layers=[parent.fc])
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.model.eval()(x), direct.eval()(x))
+
+
+def test_prune_global_round_to_with_calibration(capsys, workdir):
+    d = workdir
+    code, out, _ = run(capsys, "prune", d / "r20.pt", "--data", d / "data", "--batches", "1", "--batch-size", "8",
+                       "--flops-target", "0.5", "--global", "--round-to", "4", "--out", d / "g.pt", "--json")
+    r = json.loads(out)
+    assert code == 0 and (r["scope"], r["round_to"], r["images"]) == ("global", 4, 8)
+    widths = load_model(d / "g.pt").model.widths
+    assert all(w % 4 == 0 for w in widths.values()) and len(set(widths.values())) > 3
+    # identity shortcuts tie a stage's block outputs (and the stem to stage 1): one width per stage
+    assert len({widths["conv1"]} | {widths[f"layer1.{b}.conv2"] for b in range(3)}) == 1
+    assert all(len({widths[f"layer{s}.{b}.conv2"] for b in range(3)}) == 1 for s in (2, 3))
+
+
+def test_a_warning_is_one_plain_line_on_stderr(capsys, monkeypatch):
+    import warnings
+
+    from chipprune import cli
+    monkeypatch.setattr(cli, "cmd_profile", lambda args: warnings.warn("careful", stacklevel=1))
+    code, out, err = run(capsys, "profile", "--arch", "resnet20")
+    assert code == 0 and out == "" and err == "chip profile: warning: careful\n"

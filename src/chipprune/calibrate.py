@@ -6,12 +6,15 @@ all-reduced: every process ends with the scores of all the images."""
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Iterable
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from tqdm import tqdm
 
 from .criteria import ActivationCriterion, Criterion
@@ -23,6 +26,14 @@ class CalibrationError(RuntimeError):
     """Calibration that cannot give meaningful scores (no images, non-finite activations)."""
 
 
+class Tap(NamedTuple):
+    """Where scores are taken: the input or the output feature map of a module, of `channels` channels."""
+
+    module: str
+    side: str  # "input" (every call's first argument) or "output"
+    channels: int
+
+
 @torch.no_grad()
 def score_layers(model: nn.Module, layers: list[ChannelLayer], criterion: Criterion,
                  batches: Iterable[tuple[Tensor, Tensor]] = (), *, device: str | torch.device = "cpu",
@@ -31,26 +42,81 @@ def score_layers(model: nn.Module, layers: list[ChannelLayer], criterion: Criter
     convs = {layer.conv: cast(nn.Conv2d, model.get_submodule(layer.conv)) for layer in layers}
     if not isinstance(criterion, ActivationCriterion):
         return {name: criterion.weight_scores(conv) for name, conv in convs.items()}, 0
-    sums = {name: torch.zeros(conv.out_channels, dtype=torch.float64) for name, conv in convs.items()}
+    taps = {layer.conv: Tap(layer.act, "output", convs[layer.conv].out_channels) for layer in layers}
+    scores, images, same = score_maps(model, taps, criterion, (x for x, _ in batches), device=device,
+                                      progress=progress)
+    return scores | {name: scores[first] for name, first in same.items()}, images
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
-        def accumulate(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            # Scored inside the hook: only this batch's map of this layer is ever held.
-            if not torch.isfinite(output).all():
-                raise CalibrationError(f"non-finite activations in {name} during scoring")
-            sums[name] += criterion.batch_sum(output)
-        return accumulate
+
+@torch.no_grad()
+def score_maps(model: nn.Module, taps: dict[str, Tap], criterion: ActivationCriterion, inputs: Iterable[Tensor], *,
+               device: str | torch.device = "cpu", progress: bool = False
+               ) -> tuple[dict[str, Tensor], int, dict[str, str]]:
+    """Mean per-channel scores of the feature map at every tap, in one eval-mode forward pass per batch; the images
+    they came from; and the taps that saw the very same tensor as an earlier tap of the same pass (a map read by
+    several layers), each mapped to that earlier tap: such a map is scored once, and the later tap keeps zeros.
+
+    2-D maps [N, C] (a Linear's input) are scored as [N, C, 1, 1]: one position per image. A module called
+    several times per pass adds every call's map."""
+    sums = {name: torch.zeros(tap.channels, dtype=torch.float64) for name, tap in taps.items()}
+    same: dict[str, str] = {}
+    seen: list[tuple[weakref.ref[Tensor], int, str]] = []  # this pass's maps: the same tensor is scored once
+
+    def score(name: str, fmap: Tensor) -> None:
+        # Scored inside the hook: only this batch's map of this tap is ever held.
+        for ref, version, first in seen:
+            if ref() is fmap and fmap._version == version:  # not modified in place since
+                same[name] = first
+                return
+        seen.append((weakref.ref(fmap), fmap._version, name))
+        if not torch.isfinite(fmap).all():
+            raise CalibrationError(f"non-finite activations in {name} during scoring")
+        sums[name] += criterion.batch_sum(fmap[:, :, None, None] if fmap.dim() == 2 else fmap)
+
+    def attach(name: str, tap: Tap) -> RemovableHandle:
+        module = model.get_submodule(tap.module)
+        if tap.side == "input":
+            return module.register_forward_pre_hook(lambda m, args: score(name, args[0]))
+        return module.register_forward_hook(lambda m, args, out: score(name, out))
+
+    chunk = 0  # images per forward pass once memory ran out (0: whole batches)
+
+    def forward(part: Tensor) -> None:
+        """One pass over `part`, in smaller pieces if memory runs out: the failed pass's partial sums are undone."""
+        nonlocal chunk
+        if chunk and len(part) > chunk:
+            for piece in part.split(chunk):
+                forward(piece)
+            return
+        saved = {name: s.clone() for name, s in sums.items()}
+        try:
+            model(part.to(device))
+        except RuntimeError as e:
+            if not _out_of_memory(e):
+                raise
+            for name, s in saved.items():
+                sums[name].copy_(s)
+            if len(part) == 1:
+                raise CalibrationError(f"out of memory scoring a single image on {device}: free memory, or score on "
+                                       "another device") from None
+            chunk = (len(part) + 1) // 2
+            warnings.warn(f"out of memory scoring {len(part)} images at once on {device}: going on with {chunk} "
+                          "(the scores are the same; a smaller --batch-size avoids the retry)", stacklevel=1)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            forward(part)
+        finally:
+            seen.clear()
 
     model.eval().to(device)
-    acts = {layer.act: layer.conv for layer in layers}
-    handles = [model.get_submodule(act).register_forward_hook(hook(conv)) for act, conv in acts.items()]
+    handles = [attach(name, tap) for name, tap in taps.items()]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     count = torch.zeros((), dtype=torch.float64)
     try:
-        for x, _ in tqdm(batches, desc=f"scoring ({criterion.name})", unit="batch", disable=not progress or rank > 0):
+        for x in tqdm(inputs, desc=f"scoring ({criterion.name})", unit="batch", disable=not progress or rank > 0):
             part = x[share(len(x), rank, world)]
             if len(part):
-                model(part.to(device))
+                forward(part)
                 count += len(part)
     finally:
         for h in handles:
@@ -63,7 +129,12 @@ def score_layers(model: nn.Module, layers: list[ChannelLayer], criterion: Criter
     images = int(count)
     if images == 0:
         raise CalibrationError("no calibration images")
-    return {conv: s / images for conv, s in sums.items()}, images
+    return {name: s / images for name, s in sums.items()}, images, same
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    """Whether an error is an allocation failure (CUDA's has its own type; the CPU allocator's only a message)."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
 
 
 @torch.no_grad()

@@ -7,9 +7,10 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -21,8 +22,9 @@ from .data import DataError, ImageSplit, batches, load_split
 from .evaluate import evaluate
 from .export import FORMATS, ExportError, export
 from .fileio import save_json
+from .graph import prune_model
 from .modelfile import ModelFile, ModelFileError, import_weights, load_model, parse_normalization
-from .models import ARCHS, create_model, get_arch
+from .models import ARCHS, RegistryModel, create_model, get_arch
 from .profile import count_flops, count_params, measure_latency
 from .surgery import RESIDUAL_MODES, prune
 from .train import AMP, PRESETS, Config, Place, TrainError, distributed, fit, load_data
@@ -37,8 +39,15 @@ class UsageError(ValueError):
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; exit code 2 with one line on stderr for bad input."""
     args = build_parser().parse_args(argv)
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        print(f"chip {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show  # one plain line, as errors are
+            args.run(args)
     except (UsageError, ModelFileError, DataError, CalibrationError, sparsity.SparsityError, TrainError,
             ExportError) as e:
         if os.environ.get("CHIP_DEBUG"):
@@ -99,11 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="remove the lowest-scored channels: a smaller dense model", formatter_class=fmt)
     p.add_argument("model", help="a chipprune model file")
-    p.add_argument("--sparsity", required=True, help="rates or a preset, as the paper's lists")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--sparsity", help="rates or a preset, as the paper's lists")
+    budget.add_argument("--flops-target", type=float, metavar="F",
+                        help="keep this fraction of the FLOPs (within 2 %%): dependency-graph pruning, every conv "
+                             "group at one ratio (see docs/any-cnn.md)")
+    p.add_argument("--global", dest="global_scope", action="store_true",
+                   help="with --flops-target: rank all groups' channels together (the layers that matter keep more)")
+    p.add_argument("--round-to", type=_positive, metavar="N",
+                   help="with --flops-target: keep channel counts at multiples of N")
     p.add_argument("--out", required=True, help="the pruned model file to write")
-    p.add_argument("--scores", help="scores JSON from `chip score` (skips calibration)")
+    p.add_argument("--scores", help="scores JSON from `chip score` (skips calibration; with --sparsity)")
     p.add_argument("--residual", choices=RESIDUAL_MODES, default="coupled",
-                   help="coupled: one channel set per residual stage; paper: per block, shortcuts by position")
+                   help="coupled: one channel set per residual stage; paper (with --sparsity only): per block, "
+                        "shortcuts by position")
     p.add_argument("--recalibrate-bn", type=int, default=0, metavar="B",
                    help="after pruning, re-estimate BatchNorm statistics on B training batches of --batch-size "
                         "(train mode, no weight update; needs --data); 0: keep the parent's")
@@ -349,15 +367,24 @@ def cmd_prune(args: argparse.Namespace) -> None:
         raise UsageError(f"--recalibrate-bn must be >= 0, got {args.recalibrate_bn}")
     if args.recalibrate_bn and not args.data:
         raise UsageError("--recalibrate-bn needs --data (its batches come from the train split)")
+    if args.flops_target is None and (args.global_scope or args.round_to):
+        raise UsageError("--global and --round-to apply to --flops-target")
     mf = load_model(args.model)
-    widths = sparsity.widths(mf.arch, args.sparsity)
-    scores, how, writer = _scores(args, mf)
-    if not writer:
-        return
-    try:
-        pruned = prune(mf.model, scores, widths, args.residual)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    if args.flops_target is not None:
+        pruned, how = _prune_to_flops(args, mf)
+        budget = {"flops_target": args.flops_target, "scope": "global" if args.global_scope else "local",
+                  "round_to": args.round_to}
+    else:
+        widths = sparsity.widths(mf.arch, args.sparsity)
+        scores, how, writer = _scores(args, mf)
+        if not writer:
+            return
+        try:
+            pruned = prune(mf.model, scores, widths, args.residual)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        budget = {"sparsity": sparsity.format_rates(sparsity.resolve(mf.arch, args.sparsity)),
+                  "residual": args.residual}
     if args.recalibrate_bn:
         train = load_split(args.data, "train")
         # Other images than the calibration's (seed + 1), without augmentation: the statistics of test-like inputs.
@@ -366,14 +393,48 @@ def cmd_prune(args: argparse.Namespace) -> None:
                          image_size=get_arch(mf.arch).input_size)
         how["recalibrated_bn_images"] = recalibrate_bn(pruned, stream, device=args.device, progress=True)
         pruned.cpu()
-    rates = sparsity.format_rates(sparsity.resolve(mf.arch, args.sparsity))
-    meta = {**mf.meta, "pruned": {"sparsity": rates, "residual": args.residual, **how,
-                                  "parent": Path(args.model).name}}
+    meta = {**mf.meta, "pruned": {**budget, **how, "parent": Path(args.model).name}}
     ModelFile(mf.arch, pruned, mf.mean, mf.std, mf.classes, meta).save(args.out)
-    result = {"arch": mf.arch, "sparsity": rates, "residual": args.residual, **how, "out": args.out,
+    result = {"arch": mf.arch, **budget, **how, "out": args.out,
               **_sizes(pruned, create_model(mf.arch, None, len(mf.classes)), get_arch(mf.arch).input_size)}
-    _emit(args, result, f"wrote {args.out}: {mf.arch} at {rates}, {how['criterion']}, residual {args.residual}\n"
-          + _sizes_text(result))
+    said = ", ".join(f"{k} {v}" for k, v in budget.items() if v is not None)
+    _emit(args, result, f"wrote {args.out}: {mf.arch}, {said}, {how['criterion']}\n" + _sizes_text(result))
+
+
+def _prune_to_flops(args: argparse.Namespace, mf: ModelFile) -> tuple[RegistryModel, dict[str, Any]]:
+    """The registry model pruned by prune_model to --flops-target, with its widths set from its convs."""
+    if args.scores:
+        raise UsageError("--scores holds per-conv scores for --sparsity; --flops-target scores layer inputs itself")
+    if args.residual == "paper":
+        raise UsageError("--residual paper applies to --sparsity: with --flops-target the dependency graph couples "
+                         "the residual channels")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--flops-target runs in one process; run it without torchrun")
+    criterion = get_criterion(args.criterion, args.seed)
+    batches_ = _calibration(args, mf) if isinstance(criterion, ActivationCriterion) else iter(())
+    images = 0
+
+    def counted() -> Iterator[Tensor]:
+        nonlocal images
+        for x, _ in batches_:
+            images += len(x)
+            yield x
+
+    size = get_arch(mf.arch).input_size
+    model = mf.model.to(args.device)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]  # the registry heads keep their widths
+    try:
+        pruned = cast(RegistryModel, prune_model(
+            model, torch.zeros(1, 3, size, size, device=args.device), counted(), flops_target=args.flops_target,
+            criterion=criterion, scope="global" if args.global_scope else "local", ignored_layers=linears,
+            round_to=args.round_to)).cpu()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    pruned.widths = {conv: cast(torch.nn.Conv2d, pruned.get_submodule(conv)).out_channels for conv in pruned.widths}
+    rebuilt = dict(create_model(mf.arch, pruned.widths, len(mf.classes)).named_parameters())
+    if any(v.shape != rebuilt[k].shape for k, v in pruned.named_parameters()):
+        raise UsageError(f"the pruned {mf.arch} does not fit its registry description; prune it with --sparsity")
+    return pruned, {"criterion": criterion.name, "images": images, "seed": args.seed}
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

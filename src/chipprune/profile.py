@@ -14,23 +14,29 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-@torch.no_grad()
 def count_flops(model: nn.Module, input_size: int) -> int:
     """Multiply-accumulates of every conv and linear layer for one input_size×input_size RGB image."""
+    return count_macs(model, torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example_inputs: Tensor) -> int:
+    """Multiply-accumulates of every conv and linear layer in one eval-mode forward pass of `example_inputs`."""
     total = 0
 
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         nonlocal total
-        if isinstance(module, nn.Conv2d):
-            total += output.numel() * module.weight[0].numel()
+        if isinstance(module, nn.modules.conv._ConvNd):
+            total += output.numel() * module.weight[0].numel()  # weight[0]: in_channels / groups × kernel
         elif isinstance(module, nn.Linear):
             total += output.numel() * module.in_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    layers = (nn.modules.conv._ConvNd, nn.Linear)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, layers)]
     was_training = model.training
     try:
         model.eval()
-        model(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
+        model(example_inputs)
     finally:
         model.train(was_training)
         for h in handles:
