@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -54,7 +55,10 @@ def main() -> None:
     """Prints one line per shape for CPU, then for CUDA when there is one."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller reference subsets, fewer rounds")
+    parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # ARCH,IMAGES,BATCH,forward|scoring: one memory figure
     args = parser.parse_args()
+    if args.peak_of:
+        return _print_peak(args.peak_of)
     rounds = 2 if args.quick else 3
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average "
           f"{os.getloadavg()[0]:.1f} at start; times are the best of {rounds} interleaved rounds")
@@ -124,31 +128,55 @@ def _status_kib(field: str) -> int:
     return int(line.split()[1])
 
 
-def network_table(device: str, rounds: int) -> None:
-    """Whole-network CHIP scoring (forward + CI of every scored layer) against the plain forward pass."""
+def _pass(device: str, arch: str, images: int, batch: int, scored: bool) -> Callable[[], None]:
+    """The plain forward pass or the scoring pass of `arch` over random images."""
     from chipprune.calibrate import score_layers
     from chipprune.criteria import CHIP
-    from chipprune.models import ARCHS, RegistryModel, create_model
+    from chipprune.models import ARCHS, create_model
 
+    model = create_model(arch).eval().to(device)
+    size = ARCHS[arch].input_size
+    data = [(torch.randn(batch, 3, size, size, device=device), torch.zeros(batch)) for _ in range(images // batch)]
+
+    def forward() -> None:
+        with torch.no_grad():
+            for x, _ in data:
+                model(x)
+
+    def scoring() -> None:
+        score_layers(model, model.channel_layers(), CHIP(), data, device=device)
+
+    return scoring if scored else forward
+
+
+def _fresh_peak_mib(arch: str, images: int, batch: int, scored: bool) -> float:
+    """The CPU memory one pass adds at its peak, measured in a new process (this script with --peak-of): a process
+    that has run either pass before keeps that memory in its allocator, and would show no growth."""
+    spec = f"{arch},{images},{batch},{'scoring' if scored else 'forward'}"
+    out = subprocess.run([sys.executable, __file__, "--peak-of", spec], check=True, capture_output=True, text=True)
+    return float(out.stdout.split()[-1])
+
+
+def _print_peak(spec: str) -> None:
+    """For --peak-of: after a one-image warm-up (thread pools, LAPACK), the MiB the pass adds at its peak."""
+    arch, images, batch, kind = spec.split(",")
+    _pass("cpu", arch, 1, 1, kind == "scoring")()
+    print(peak_mib("cpu", _pass("cpu", arch, int(images), int(batch), kind == "scoring"))[1])
+
+
+def network_table(device: str, rounds: int) -> None:
+    """Whole-network CHIP scoring (forward + CI of every scored layer) against the plain forward pass."""
     print(f"\nWhole network on {device}: scoring (one pass, hooks, CI of every layer) vs the plain forward pass")
     print(f"{'model':9} {'images':>6} {'forward':>9} {'scoring':>9} {'time':>6} {'fwd MiB':>8} {'score MiB':>9} "
           f"{'mem':>6}")
     for arch, images, batch in NETWORKS[device]:
-        model = create_model(arch).eval().to(device)
-        size = ARCHS[arch].input_size
-        data = [(torch.randn(batch, 3, size, size, device=device), torch.zeros(batch)) for _ in range(images // batch)]
-
-        def forward(model: torch.nn.Module = model, data: list = data) -> None:
-            with torch.no_grad():
-                for x, _ in data:
-                    model(x)
-
-        def scoring(model: RegistryModel = model, data: list = data) -> None:
-            score_layers(model, model.channel_layers(), CHIP(), data, device=device)
-
+        forward, scoring = (_pass(device, arch, images, batch, scored) for scored in (False, True))
         forward()  # warm-up: allocator pools and one-time initialisation count for neither side
         fwd = min(peak_mib(device, forward) for _ in range(rounds))
         sc = min(peak_mib(device, scoring) for _ in range(rounds))
+        if device == "cpu":  # memory from fresh processes (see _fresh_peak_mib)
+            fwd = fwd[0], _fresh_peak_mib(arch, images, batch, scored=False)
+            sc = sc[0], _fresh_peak_mib(arch, images, batch, scored=True)
         print(f"{arch:9} {images:6} {fwd[0]:8.2f}s {sc[0]:8.2f}s {sc[0] / fwd[0]:5.2f}x {fwd[1]:8.0f} {sc[1]:9.0f} "
               f"{sc[1] / max(fwd[1], 1):5.2f}x", flush=True)
 
