@@ -31,7 +31,7 @@ from chipprune.models import create_model
 from images import write_image_folder
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "chipprune"
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +43,6 @@ def workdir(tmp_path_factory):
     ModelFile("resnet20", create_model("resnet20"), (0.5,) * 3, (0.25,) * 3, list(CIFAR10_CLASSES)).save(
         root / "r20.pt")
     return root
-
-
-@pytest.fixture(autouse=True)
-def cache_and_threads(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHIP_CACHE_DIR", str(tmp_path / "cache"))
-    for k, v in ONE_THREAD.items():
-        monkeypatch.setenv(k, v)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(capsys, *args):
@@ -248,15 +237,15 @@ def test_a_scores_file_runs_no_code(capsys, workdir, tmp_path, out):
 # ---- damaged model files -----------------------------------------------------------------------------------
 
 
+def spoiled(raw: bytes, how: str) -> bytes:
+    """A file's bytes broken one way: empty, cut in half, or random bytes of the same length."""
+    return {"empty": b"", "truncated": raw[: len(raw) // 2], "corrupt": np.random.default_rng(0).bytes(len(raw))}[how]
+
+
 def damaged(path, kind, good):
     """A model file broken in one way, made from the good one."""
-    raw = good.read_bytes()
-    if kind == "empty":
-        path.write_bytes(b"")
-    elif kind == "truncated":
-        path.write_bytes(raw[: len(raw) // 2])
-    elif kind == "corrupt":
-        path.write_bytes(np.random.default_rng(0).bytes(len(raw)))
+    if kind in ("empty", "truncated", "corrupt"):
+        path.write_bytes(spoiled(good.read_bytes(), kind))
     elif kind != "missing":
         d = torch.load(good, weights_only=True)
         if kind == "unknown-arch":
@@ -323,20 +312,13 @@ def broken_data(root, kind, good):
         path = root / "data.tar.gz"
         with tarfile.open(path, "w:gz") as tar:
             tar.add(good, arcname="data")
-        raw = path.read_bytes()
-        path.write_bytes({"empty-archive": b"", "truncated-archive": raw[: len(raw) // 2],
-                          "corrupt-archive": np.random.default_rng(0).bytes(len(raw))}[kind])
+        path.write_bytes(spoiled(path.read_bytes(), kind.removesuffix("-archive")))
         return path
     data = shutil.copytree(good, root / "data")
     for split in ("train", "test"):
         image = data / split / "cat" / "0.png"
-        raw = image.read_bytes()
-        if kind == "empty-image":
-            image.write_bytes(b"")
-        elif kind == "truncated-image":
-            image.write_bytes(raw[: len(raw) // 2])
-        elif kind == "corrupt-image":
-            image.write_bytes(np.random.default_rng(0).bytes(len(raw)))
+        if kind.endswith("-image"):
+            image.write_bytes(spoiled(image.read_bytes(), kind.removesuffix("-image")))
         elif kind == "no-images":
             for f in (data / split / "cat").iterdir():
                 f.unlink()
@@ -485,7 +467,7 @@ def test_every_help_shows_each_default(capsys, monkeypatch, command):
 
 
 def test_json_alone_on_stdout_progress_and_warnings_on_stderr(workdir, tmp_path):
-    env = {**os.environ, **ONE_THREAD, "CHIP_CACHE_DIR": str(tmp_path / "cache")}
+    env = dict(os.environ)  # one thread and this test's cache, from the one_thread fixture
     cmd = [sys.executable, "-m", "chipprune.cli", "prune", str(workdir / "r20.pt"), "--data", str(workdir / "data"),
            "--batches", "20", "--batch-size", "4", "--sparsity", "[0.]+[0.5]*11", "--out", str(tmp_path / "p.pt"),
            "--json"]
@@ -582,7 +564,7 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one_resumable(capsy
     args = ["finetune", str(workdir / "r20.pt"), "--data", str(workdir / "data"), "--epochs", "2", "--batch-size",
             "8", "--lr", "0.05", "--workers", "0"]
     run_dir, ready, log = tmp_path / "run", tmp_path / "ready", tmp_path / "log.txt"
-    env = {**os.environ, **ONE_THREAD}
+    env = dict(os.environ)  # one thread, from the one_thread fixture
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-c", CHILD, str(ready), *args, "--out-dir", str(run_dir)],
                                 stdout=f, stderr=f, env=env)

@@ -26,8 +26,7 @@ from chipprune.train import PRESETS, Config, lr_at
 from images import write_image_folder
 
 LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"}  # gloo between the test's processes on this machine only
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as torchrun's processes: the same float sums everywhere (and no stalls on a
-# busy machine, where a team of threads waits for its slowest)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +40,6 @@ def workdir(tmp_path_factory):
     ModelFile("resnet20", create_model("resnet20"), (0.5,) * 3, (0.25,) * 3, list(CIFAR10_CLASSES)).save(
         root / "r20.pt")
     return root
-
-
-@pytest.fixture(autouse=True)
-def cache_and_threads(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHIP_CACHE_DIR", str(tmp_path / "cache"))
-    for k, v in ONE_THREAD.items():
-        monkeypatch.setenv(k, v)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def finetune_args(workdir, run, *extra):
