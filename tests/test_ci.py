@@ -164,6 +164,36 @@ def test_layouts_reductions_and_permutations():
     torch.testing.assert_close(out, none, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(5, 8, 40), (5, 40, 3), (2, 8, 40), (1, 8, 40)], ids=str)
+def test_threads_share_the_batch_and_give_the_same_scores(shape):
+    a = maps("relu", *shape)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = channel_independence(a, "none")
+        torch.set_num_threads(3)
+        shared = channel_independence(a, "none")
+        assert torch.get_num_threads() == 3  # the caller's setting survives the workers' single-threading
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(shared, serial, rtol=1e-12, atol=0)
+
+
+def test_a_failing_worker_raises_and_restores_the_thread_count(monkeypatch):
+    def broken(_: torch.Tensor) -> None:
+        raise RuntimeError("LAPACK failed")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="LAPACK failed"):
+            channel_independence(maps("relu", 4, 8, 40))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(
     ("arg", "reduction", "match"),
     [
