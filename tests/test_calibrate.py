@@ -4,25 +4,12 @@ import torch
 from chipprune.calibrate import CalibrationError, recalibrate_bn, score_layers
 from chipprune.criteria import CHIP, L1, HRank, Random, get_criterion
 from chipprune.models import ChannelLayer, create_model
-from reference import reference_ci
+from reference import captured, reference_ci
 
 
 def batches(n_batches: int = 3, size: int = 4, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(size, 3, 32, 32, generator=g), torch.zeros(size, dtype=torch.long)) for _ in range(n_batches)]
-
-
-def captured_maps(model, layers, data):
-    """Every layer's post-activation maps over all images, captured the slow way."""
-    maps = {layer.conv: [] for layer in layers}
-    handles = [model.get_submodule(layer.act).register_forward_hook(
-        lambda m, i, out, conv=layer.conv: maps[conv].append(out.clone())) for layer in layers]
-    with torch.no_grad():
-        for x, _ in data:
-            model(x)
-    for h in handles:
-        h.remove()
-    return {conv: torch.cat(m) for conv, m in maps.items()}
 
 
 def test_streamed_chip_scores_equal_the_reference_mean_over_images():
@@ -31,7 +18,7 @@ def test_streamed_chip_scores_equal_the_reference_mean_over_images():
     data = batches()
     scores, images = score_layers(model, layers, CHIP(), data)
     assert images == 12
-    maps = captured_maps(model, layers, data)
+    maps = captured(model, {layer.conv: layer.act for layer in layers}, "output", data)
     for layer in layers:
         torch.testing.assert_close(scores[layer.conv], reference_ci(maps[layer.conv]).mean(0), rtol=1e-6, atol=1e-9)
 
@@ -51,7 +38,7 @@ def test_hrank_is_the_mean_rank_of_each_channel_map():
     layers = model.channel_layers()[:3]
     data = batches(1)
     scores, _ = score_layers(model, layers, HRank(), data)
-    maps = captured_maps(model, layers, data)
+    maps = captured(model, {layer.conv: layer.act for layer in layers}, "output", data)
     for layer in layers:
         assert torch.equal(scores[layer.conv], torch.linalg.matrix_rank(maps[layer.conv]).double().mean(0))
 

@@ -13,7 +13,7 @@ from chipprune.criteria import L1
 from chipprune.graph import group_importance, prune_model
 from chipprune.models.resnet_cifar import ChannelShortcut, ResNetCifar
 from chipprune.profile import count_macs, count_params
-from reference import reference_ci
+from reference import captured, reference_ci
 
 SIZE = 16
 
@@ -223,21 +223,9 @@ def masked(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
     return out
 
 
-def captured_inputs(model: nn.Module, names: list[str], batches) -> dict[str, torch.Tensor]:
-    maps: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: maps[n].append(a[0].clone()))
-               for n in names]
-    with torch.no_grad():
-        for x, _ in batches:
-            model(x)
-    for h in handles:
-        h.remove()
-    return {n: torch.cat(m) for n, m in maps.items()}
-
-
 def expected(model: nn.Module, readers: list[tuple[str, int]], channels: int, batches) -> torch.Tensor:
     """The aggregation rule computed from captured maps and the reference CI: mean of per-map normalized CIs."""
-    maps = captured_inputs(model, [n for n, _ in readers], batches)
+    maps = captured(model, {n: n for n, _ in readers}, "input", batches)
     parts = []
     for name, offset in readers:
         fmap = maps[name] if maps[name].dim() == 4 else maps[name][:, :, None, None]
@@ -312,7 +300,7 @@ def test_a_dead_channel_goes_first(name):
 def test_a_reused_relu_is_scored_per_call_site():
     model, batches = make("bottleneck"), data()
     imp = group_importance(model, batches[0][0][:1], batches)
-    maps = captured_inputs(model, ["block.conv2", "block.conv3"], batches)
+    maps = captured(model, {n: n for n in ["block.conv2", "block.conv3"]}, "input", batches)
     first, second = (reference_ci(maps[n]).mean(0) for n in ("block.conv2", "block.conv3"))
     torch.testing.assert_close(imp["block.conv1"], first / first.mean())
     torch.testing.assert_close(imp["block.conv2"], second / second.mean())
