@@ -24,9 +24,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from chipprune.ci import channel_independence  # noqa: E402
-from reference import reference_ci  # noqa: E402
+from chipprune.ci import channel_independence, reference_ci
 
 # name, shape [N, C, H, W], reference subset (images, channels) for the full run and for --quick
 SHAPES = [

@@ -29,10 +29,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from chipprune.data import ImageSplit
+from chipprune.distributed import Place
 from chipprune.modelfile import CIFAR10_CLASSES, NORMALIZATIONS, ModelFile
 from chipprune.models import RegistryModel, create_model
 from chipprune.sparsity import widths
-from chipprune.train import PRESETS, Place, fit
+from chipprune.train import PRESETS, fit
 
 CIFAR_TRAIN_IMAGES = 50_000
 MEAN, STD = NORMALIZATIONS["cifar"]

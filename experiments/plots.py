@@ -1,4 +1,4 @@
-"""Figures and markdown tables of issue #6 from the raw logs in results/reproduce/ (written by reproduce.py).
+"""Figures and markdown tables of the ResNet-56 study from the raw logs in results/reproduce/ (written by reproduce.py).
 
     python experiments/plots.py [--dir results/reproduce]
 
@@ -23,11 +23,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 CRITERIA = ["chip", "hrank", "l1", "random"]
 COLORS = {"chip": "tab:red", "hrank": "tab:blue", "l1": "tab:green", "random": "tab:gray"}
 MARKERS = {"chip": "o", "hrank": "s", "l1": "^", "random": "x"}
-STAGES = {"a": "right after pruning", "b": "after BatchNorm re-estimation (4 x 128 images)",
-          "c": "after 1 epoch on 5,000 images (19 steps)"}
+STAGES = {
+    "a": "right after pruning",
+    "b": "after BatchNorm re-estimation (4 x 128 images)",
+    "c": "after 1 epoch on 5,000 images (19 steps)",
+}
 CONFIG_ORDER = ["paper-2", "paper-1", "inner-only"]
 PAPER = {  # Sui et al. 2021, Table 1 (ResNet-56, CIFAR-10): top-1 % and FLOPs reduction
-    "baseline": 93.26, "paper-1": (94.16, 47.4), "paper-2": (92.05, 72.3)}
+    "baseline": 93.26,
+    "paper-1": (94.16, 47.4),
+    "paper-2": (92.05, 72.3),
+}
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -61,8 +67,9 @@ def fmt_top1(rows: list[dict[str, Any]]) -> str:
 def plot_accuracy(d: Path, rows: list[dict[str, Any]], base: dict[tuple[str, str], dict[str, Any]]) -> None:
     g = grouped(rows)
     dense = base.get(("resnet56", "adapted"))
-    dense_flops = json.loads((d / "configs.json").read_text())["dense"]["flops"] if (d / "configs.json").exists() \
-        else 125_485_696
+    dense_flops = (
+        json.loads((d / "configs.json").read_text())["dense"]["flops"] if (d / "configs.json").exists() else 125_485_696
+    )
     fig, axes = plt.subplots(3, 2, figsize=(11, 12), sharex=True)
     for col, mode in enumerate(["coupled", "paper"]):
         for row, stage in enumerate("abc"):
@@ -82,19 +89,38 @@ def plot_accuracy(d: Path, rows: list[dict[str, Any]], base: dict[tuple[str, str
                 if not xs:
                     continue
                 label = crit + (" (mean, min–max of 3 seeds)" if crit == "random" else "")
-                ax.errorbar(xs, ys, yerr=[lo, hi] if crit == "random" else None, color=COLORS[crit],
-                            marker=MARKERS[crit], linestyle="-", alpha=0.85, capsize=3, label=label)
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=[lo, hi] if crit == "random" else None,
+                    color=COLORS[crit],
+                    marker=MARKERS[crit],
+                    linestyle="-",
+                    alpha=0.85,
+                    capsize=3,
+                    label=label,
+                )
             if dense:
-                ax.axhline(dense["top1"], color="k", linestyle="--", linewidth=1,
-                           label=f"dense, adapted ({dense['top1']:.2f} %, {dense_flops / 1e6:.1f} M)")
+                ax.axhline(
+                    dense["top1"],
+                    color="k",
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"dense, adapted ({dense['top1']:.2f} %, {dense_flops / 1e6:.1f} M)",
+                )
             ax.set_title(f"residual {mode}: {STAGES[stage]}", fontsize=10)
             ax.set_ylabel("test top-1 %")
             ax.grid(alpha=0.3)
             if row == 2:
                 ax.set_xlabel("FLOPs (M multiply-accumulates per image)")
     for ax in axes[:, 1]:
-        ax.annotate("inner-only (73.4 M) is the coupled model:\nboth modes keep the same channels",
-                    xy=(0.3, 0.86), xycoords="axes fraction", fontsize=7, color="0.3")
+        ax.annotate(
+            "inner-only (73.4 M) is the coupled model:\nboth modes keep the same channels",
+            xy=(0.3, 0.86),
+            xycoords="axes fraction",
+            fontsize=7,
+            color="0.3",
+        )
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.suptitle("ResNet-56 on JPEG CIFAR-10: paper-2 (34.2 M), paper-1 (65.2 M), inner-only (73.4 M)", fontsize=11)
     fig.tight_layout()
@@ -137,8 +163,11 @@ def plot_ci(d: Path) -> None:
     ax.set_xticks(range(1, len(names) + 1))
     ax.set_xticklabels([n.replace("layer", "L").replace(".conv", ".c") for n in names], rotation=90, fontsize=6)
     ax.set_ylabel("channel independence (symlog)")
-    ax.set_title(f"CI of every channel per layer, adapted ResNet-56, {scores.get('images')} calibration images "
-                 "(orange: blocks' inner convs, purple: stem and block outputs)", fontsize=10)
+    ax.set_title(
+        f"CI of every channel per layer, adapted ResNet-56, {scores.get('images')} calibration images "
+        "(orange: blocks' inner convs, purple: stem and block outputs)",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(d / "ci_distributions.png", dpi=110)
@@ -181,8 +210,14 @@ def plot_stability(d: Path) -> None:
         layers = st["criteria"][crit]["layers"]
         names = list(layers)
         x = range(len(names))
-        ax.plot(x, [layers[n]["mean"] for n in names], color=color, marker="o", markersize=3,
-                label=f"{crit}: mean over the 6 pairs of sets")
+        ax.plot(
+            x,
+            [layers[n]["mean"] for n in names],
+            color=color,
+            marker="o",
+            markersize=3,
+            label=f"{crit}: mean over the 6 pairs of sets",
+        )
         ax.plot(x, [layers[n]["min"] for n in names], color=color, linestyle=":", label=f"{crit}: min")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([n.replace("layer", "L").replace(".conv", ".c") for n in names], rotation=90, fontsize=6)
@@ -202,13 +237,16 @@ def tables(d: Path, rows: list[dict[str, Any]], base: dict[tuple[str, str], dict
     out = []
     out.append("### Baselines\n\n| network | stage | epochs | top-1 % | top-5 % | wall s |\n|---|---|---|---|---|---|")
     for (arch, stage), r in sorted(base.items(), key=lambda kv: (kv[0][0] != "resnet56", kv[0][1] != "imported")):
-        out.append(f"| {arch} | {stage} | {r.get('epochs', '')} | {r['top1']:.2f} | {r['top5']:.2f} | "
-                   f"{r['wall_s']:.0f} |")
+        out.append(
+            f"| {arch} | {stage} | {r.get('epochs', '')} | {r['top1']:.2f} | {r['top5']:.2f} | {r['wall_s']:.0f} |"
+        )
     g = grouped(rows)
-    out.append("\n### Top-1 % per configuration, residual mode and criterion\n\n"
-               "random: mean (min–max) of seeds 0, 1, 2. a: right after pruning; b: after `--recalibrate-bn 4`; "
-               "c: after the short fine-tuning (from the stage-a model).\n\n"
-               "| config | mode | FLOPs (fewer) | params | criterion | a | b | c |\n|---|---|---|---|---|---|---|---|")
+    out.append(
+        "\n### Top-1 % per configuration, residual mode and criterion\n\n"
+        "random: mean (min–max) of seeds 0, 1, 2. a: right after pruning; b: after `--recalibrate-bn 4`; "
+        "c: after the short fine-tuning (from the stage-a model).\n\n"
+        "| config | mode | FLOPs (fewer) | params | criterion | a | b | c |\n|---|---|---|---|---|---|---|---|"
+    )
     for config in ["paper-1", "paper-2", "inner-only"]:
         for mode in ["coupled", "paper"]:
             for crit in CRITERIA:
@@ -221,28 +259,37 @@ def tables(d: Path, rows: list[dict[str, Any]], base: dict[tuple[str, str], dict
                 out.append(f"| {config} | {mode} | {flops} | {any_row['params']:,} | {crit} | {cells} |")
     cal = read_jsonl(d / "calibration_size.jsonl")
     if cal:
-        out.append("\n### Calibration-size ablation (CHIP, coupled): top-1 %, seed 0 / seed 1\n\n"
-                   "| config | images | a: right after pruning | b: after BN re-estimation |\n|---|---|---|---|")
+        out.append(
+            "\n### Calibration-size ablation (CHIP, coupled): top-1 %, seed 0 / seed 1\n\n"
+            "| config | images | a: right after pruning | b: after BN re-estimation |\n|---|---|---|---|"
+        )
         for config in ["paper-1", "inner-only"]:
             for n in sorted({r["images"] for r in cal}):
                 cells = []
                 for stage in "ab":
-                    vals = [f"{r['top1']:.2f}" for r in sorted(cal, key=lambda r: r["seed"])
-                            if r["config"] == config and r["images"] == n and r["stage"] == stage]
+                    vals = [
+                        f"{r['top1']:.2f}"
+                        for r in sorted(cal, key=lambda r: r["seed"])
+                        if r["config"] == config and r["images"] == n and r["stage"] == stage
+                    ]
                     cells.append(" / ".join(vals) or "–")
                 out.append(f"| {config} | {n} | {cells[0]} | {cells[1]} |")
     if (d / "stability.json").exists():
         st = json.loads((d / "stability.json").read_text())
-        out.append(f"\n### Ranking stability ({st['sets']} disjoint sets of {st['images_per_set']} images)\n\n"
-                   "| criterion | layers | mean ρ (all layers) | median of per-layer mean | lowest per-layer mean "
-                   "| lowest pair | wall s |\n|---|---|---|---|---|---|---|")
+        out.append(
+            f"\n### Ranking stability ({st['sets']} disjoint sets of {st['images_per_set']} images)\n\n"
+            "| criterion | layers | mean ρ (all layers) | median of per-layer mean | lowest per-layer mean "
+            "| lowest pair | wall s |\n|---|---|---|---|---|---|---|"
+        )
         for crit, v in st["criteria"].items():
             means = {n: x["mean"] for n, x in v["layers"].items() if x["mean"] is not None}
             mins = [x["min"] for x in v["layers"].values() if x["min"] is not None]
             worst = min(means, key=lambda n: means[n])
-            out.append(f"| {crit} | {len(means)} | {statistics.mean(means.values()):.3f} | "
-                       f"{statistics.median(means.values()):.3f} | {means[worst]:.3f} ({worst}) | {min(mins):.3f} | "
-                       f"{v['wall_s']:.0f} |")
+            out.append(
+                f"| {crit} | {len(means)} | {statistics.mean(means.values()):.3f} | "
+                f"{statistics.median(means.values()):.3f} | {means[worst]:.3f} ({worst}) | {min(mins):.3f} | "
+                f"{v['wall_s']:.0f} |"
+            )
     if (d / "latency.json").exists():
         lat = json.loads((d / "latency.json").read_text())
         out.append(latency_table(lat))
@@ -252,17 +299,20 @@ def tables(d: Path, rows: list[dict[str, Any]], base: dict[tuple[str, str], dict
 
 def latency_table(lat: dict[str, Any]) -> str:
     env = lat["environment"]
-    lines = [f"\n### CPU latency ({env['cpu']}, {env['cores']} cores, torch {env['torch']}, "
-             f"{lat['repeats']} timed runs)\n",
-             "| config | mode | threads | FLOPs ratio | batch 1 ms | speed-up | batch 64 ms | speed-up |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"\n### CPU latency ({env['cpu']}, {env['cores']} cores, torch {env['torch']}, {lat['repeats']} timed runs)\n",
+        "| config | mode | threads | FLOPs ratio | batch 1 ms | speed-up | batch 64 ms | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     dense = {r["threads"]: r for r in lat["rows"] if r["config"] == "dense"}
     for r in lat["rows"]:
         ms = {int(k): v for k, v in latency_ms(r).items()}
         dms = {int(k): v for k, v in latency_ms(dense[r["threads"]]).items()}
         ratio = r["flops"] / dense[r["threads"]]["flops"]
-        lines.append(f"| {r['config']} | {r['mode']} | {r['threads']} | {ratio:.3f} | {ms[1]:.2f} | "
-                     f"{dms[1] / ms[1]:.2f}× | {ms[64]:.1f} | {dms[64] / ms[64]:.2f}× |")
+        lines.append(
+            f"| {r['config']} | {r['mode']} | {r['threads']} | {ratio:.3f} | {ms[1]:.2f} | "
+            f"{dms[1] / ms[1]:.2f}× | {ms[64]:.1f} | {dms[64] / ms[64]:.2f}× |"
+        )
     return "\n".join(lines)
 
 
@@ -272,16 +322,21 @@ def latency_ms(r: dict[str, Any]) -> dict[str, float]:
 
 
 def timing_table(d: Path, rows: list[dict[str, Any]]) -> str:
-    lines = ["\n### Wall time (1 thread, shared 2-core machine)\n", "| what | runs | total min | per run s |",
-             "|---|---|---|---|"]
+    lines = [
+        "\n### Wall time (1 thread, shared 2-core machine)\n",
+        "| what | runs | total min | per run s |",
+        "|---|---|---|---|",
+    ]
 
     def add(name: str, walls: list[float]) -> None:
         if walls:
             lines.append(f"| {name} | {len(walls)} | {sum(walls) / 60:.1f} | {statistics.mean(walls):.0f} |")
 
     for r in read_jsonl(d / "baselines.jsonl"):
-        add(f"baseline {r['arch']} {r['stage']} ({'chip finetune' if r['stage'] == 'adapted' else 'chip eval'})",
-            [r["wall_s"]])
+        add(
+            f"baseline {r['arch']} {r['stage']} ({'chip finetune' if r['stage'] == 'adapted' else 'chip eval'})",
+            [r["wall_s"]],
+        )
     add("chip score (chip, hrank)", [r["wall_s"] for r in read_jsonl(d / "scores.jsonl")])
     add("stage a: chip prune + chip eval", [r["wall_s"] for r in rows if r["stage"] == "a"])
     add("stage b: chip prune --recalibrate-bn 4 + chip eval", [r["wall_s"] for r in rows if r["stage"] == "b"])
@@ -302,11 +357,13 @@ def main() -> None:
     d = Path(parser.parse_args().dir)
     rows = read_jsonl(d / "runs.jsonl")
     base = baselines(d)
-    figures = [("accuracy_vs_flops", lambda: plot_accuracy(d, rows, base), rows),
-               ("kept_channels", lambda: plot_kept(d), (d / "configs.json").exists()),
-               ("ci_distributions", lambda: plot_ci(d), (d / "scores" / "chip.json").exists()),
-               ("calibration_size", lambda: plot_calibration(d), (d / "calibration_size.jsonl").exists()),
-               ("stability", lambda: plot_stability(d), (d / "stability.json").exists())]
+    figures = [
+        ("accuracy_vs_flops", lambda: plot_accuracy(d, rows, base), rows),
+        ("kept_channels", lambda: plot_kept(d), (d / "configs.json").exists()),
+        ("ci_distributions", lambda: plot_ci(d), (d / "scores" / "chip.json").exists()),
+        ("calibration_size", lambda: plot_calibration(d), (d / "calibration_size.jsonl").exists()),
+        ("stability", lambda: plot_stability(d), (d / "stability.json").exists()),
+    ]
     for name, fn, available in figures:
         if available:
             fn()

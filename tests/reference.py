@@ -1,24 +1,11 @@
-"""Yardsticks kept plain: the paper's CI procedure (one float64 SVD per channel per image), and feature maps
-captured whole, the slow way."""
+"""A yardstick kept plain: feature maps captured whole, the slow way (the CI yardstick is chipprune.ci.reference_ci)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
-
-
-def reference_ci(a: Tensor, channels: Sequence[int] | None = None) -> Tensor:
-    """CI [N, C] (or [N, len(channels)]) of maps [N, C, ...]: ‖A‖* − ‖A with row i zeroed‖*, in float64."""
-    a = a.flatten(2).double()
-    full = torch.linalg.matrix_norm(a, "nuc")
-    out = []
-    for i in range(a.shape[1]) if channels is None else channels:
-        without = a.clone()
-        without[:, i] = 0
-        out.append(full - torch.linalg.matrix_norm(without, "nuc"))
-    return torch.stack(out, 1)
 
 
 def captured(model: nn.Module, modules: dict[str, str], side: str, batches: Iterable[tuple[Tensor, Tensor]]

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from chipprune.calibrate import CalibrationError, recalibrate_bn, score_layers
+from chipprune.ci import reference_ci
 from chipprune.criteria import CHIP, L1, HRank, Random, get_criterion
 from chipprune.models import ChannelLayer, create_model
-from reference import captured, reference_ci
+from reference import captured
 
 
 def batches(n_batches: int = 3, size: int = 4, seed: int = 0):

@@ -3,8 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chipprune.ci import channel_independence
-from reference import reference_ci
+from chipprune.ci import channel_independence, reference_ci
 
 TOL = 1e-6  # the accuracy target: max |error| ≤ TOL·max |CI|, per image
 

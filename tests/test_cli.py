@@ -5,30 +5,9 @@ import torch
 
 from chipprune.cli import main
 from chipprune.graph import prune_model
-from chipprune.modelfile import CIFAR10_CLASSES, ModelFile, load_model
+from chipprune.modelfile import load_model
 from chipprune.models import create_model
-from images import write_image_folder
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A 10-class image folder (4 train, 2 test images per class) and a ResNet-20 model file."""
-    root = tmp_path_factory.mktemp("cli")
-    write_image_folder(root / "data", {"train": 4, "test": 2})
-    model = create_model("resnet20")
-    ModelFile("resnet20", model, (0.5,) * 3, (0.25,) * 3, list(CIFAR10_CLASSES)).save(root / "r20.pt")
-    return root
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHIP_CACHE_DIR", str(tmp_path / "cache"))
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from command import run
 
 
 def test_profile_json(capsys):

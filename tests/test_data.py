@@ -16,33 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+from attacks import Payload
 from chipprune.data import DataError, ImageSplit, batches, batching, load_split, sources
+from images import CLASSES, make_tree
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLASSES = {"train": {"dog": 2, "ant": 3, "cat": 2}, "test": {"cat": 1, "ant": 2, "dog": 1}}
-Expected = dict[str, tuple[torch.Tensor, torch.Tensor]]  # split -> (uint8 images [N, 3, H, W], labels [N])
-
-
-def make_tree(
-    root: Path, layout: dict[str, dict[str, int]] = CLASSES, size: tuple[int, int] = (8, 6)
-) -> Expected:
-    """Write root/<split>/<class>/<k>.png (size: width, height) of random pixels; what loading must give."""
-    rng = np.random.default_rng(0)
-    expected = {}
-    for split, counts in layout.items():
-        images, labels = [], []
-        for label, cls in enumerate(sorted(counts)):
-            (root / split / cls).mkdir(parents=True)
-            for k in range(counts[cls]):
-                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / cls / f"{k:02d}.png")
-                images.append(torch.from_numpy(pixels).permute(2, 0, 1))
-                labels.append(label)
-        expected[split] = (torch.stack(images), torch.tensor(labels))
-    return expected
-
-
 def make_tar(dest: Path, root: Path, names: list[str], top: str = "") -> Path:
     """Archive root/<name> for each name as <top>/<name> (mode from the suffix of dest)."""
     with tarfile.open(dest, "w:gz" if dest.name.endswith("gz") else "w") as tar:
@@ -72,11 +51,6 @@ def pixels(data: ImageSplit, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """All batches of a split concatenated, un-normalized back to 0..255 floats."""
     xs, ys = zip(*batches(data, 3, mean=(0, 0, 0), std=(1, 1, 1), **kw), strict=True)
     return torch.cat(xs) * 255, torch.cat(ys)
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
 
 
 # ---- sources -----------------------------------------------------------------------------------------------
@@ -150,21 +124,11 @@ def test_cifar_folder_and_archive(tmp_path: Path, cache: Path) -> None:
             assert torch.equal(test.images.flatten(1), torch.from_numpy(content["test_batch"][0]))
 
 
-class _Payload:
-    """Pickles as a call of `fn(*args)`, as an attacker's batch file would."""
-
-    def __init__(self, fn: object, args: tuple[object, ...]) -> None:
-        self.fn, self.args = fn, args
-
-    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
-        return self.fn, self.args
-
-
 @pytest.mark.parametrize("attack", ["system", "open"])
 def test_malicious_cifar_pickle_is_refused_without_running(tmp_path: Path, cache: Path, attack: str) -> None:
     def payload(marker: Path) -> bytes:
         call = (os.system, f"touch {marker}") if attack == "system" else (builtins.open, str(marker), "w")
-        return pickle.dumps({b"data": _Payload(call[0], call[1:]), b"labels": [0]}, protocol=2)
+        return pickle.dumps({b"data": Payload(call[0], call[1:]), b"labels": [0]}, protocol=2)
 
     result = pickle.loads(payload(tmp_path / "proof"))[b"data"]  # unpickled naively, the payload does run
     if attack == "open":
@@ -429,65 +393,3 @@ def test_shared_cifar10_jpeg_test_tarball(cache: Path) -> None:
     assert len(data) == 10_000 and len(data.classes) == 10 and data.classes[0] == "airplane"
     assert data.images is not None and data.images.shape == (10_000, 3, 32, 32)
     assert torch.bincount(data.labels).tolist() == [1000] * 10
-
-
-# ---- hardening (issue #7) ----------------------------------------------------------------------------------
-
-
-def test_small_images_of_mixed_sizes_are_an_error_naming_two(tmp_path: Path, cache: Path) -> None:
-    make_tree(tmp_path / "root", {"train": {"a": 2, "b": 2}}, size=(8, 6))
-    Image.new("RGB", (7, 6)).save(tmp_path / "root/train/b/01.png")
-    with pytest.raises(DataError, match=r"must all be one size: .*a/00.png is 8x6, .*b/01.png is 7x6$"):
-        load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
-    assert not cache.exists(), "nothing cached"
-
-
-def test_small_then_large_images_are_read_lazily(tmp_path: Path, cache: Path) -> None:
-    make_tree(tmp_path / "root", {"train": {"a": 1, "b": 1, "c": 1}}, size=(8, 6))  # ImageNet has tiny images too
-    Image.new("RGB", (7, 6)).save(tmp_path / "root/train/b/00.png")
-    Image.new("RGB", (300, 200)).save(tmp_path / "root/train/c/00.png")
-    data = load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
-    assert data.images is None and data.paths is not None and len(data.paths) == 3
-
-
-@pytest.mark.parametrize(("name", "message"), [("d.tar.gz", "empty archive .*d.tar.gz"),
-                                               ("root/train/a/00.png", "empty image file .*a/00.png")])
-def test_empty_files_are_named(tmp_path: Path, cache: Path, name: str, message: str) -> None:
-    make_tree(tmp_path / "root", {"train": {"a": 2}})
-    (tmp_path / name).write_bytes(b"")
-    with pytest.raises(DataError, match=message):
-        load_split(tmp_path / name.split("/")[0], "train", cache_dir=cache, progress=False)
-
-
-def test_an_absent_split_is_told_apart_from_a_damaged_one(tmp_path: Path, cache: Path) -> None:
-    make_tree(tmp_path / "root", {"train": {"a": 2}})
-    with pytest.raises(sources.MissingSplit):
-        load_split(tmp_path / "root", "test", cache_dir=cache, progress=False)
-    make_tree(tmp_path / "root", {"test": {"a": 1}})
-    (tmp_path / "root/test/a/00.png").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="cannot decode") as err:
-        load_split(tmp_path / "root", "test", cache_dir=cache, progress=False)
-    assert not isinstance(err.value, sources.MissingSplit)
-
-
-@pytest.mark.parametrize("content", [b"", b"\x80\x02garbage", "malicious", "wrong-dtype"])
-@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's note on the pickle protocol
-def test_a_damaged_cache_file_is_decoded_again(
-    tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str], content: bytes | str
-) -> None:
-    expected = make_tree(tmp_path / "root", {"train": {"a": 2}})
-    load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
-    (file,) = cache.iterdir()
-    if content == "malicious":
-        file.write_bytes(pickle.dumps({"classes": _Payload(os.system, (f"touch {tmp_path / 'pwned'}",))}))
-    elif content == "wrong-dtype":
-        torch.save({"classes": ["a"], "labels": torch.zeros(2, dtype=torch.int64), "images": torch.zeros(2, 3)}, file)
-    else:
-        file.write_bytes(content)  # type: ignore[arg-type]
-    data = load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
-    assert data.images is not None and torch.equal(data.images, expected["train"][0])
-    err = capsys.readouterr().err
-    assert f"ignoring unreadable cache file {file}" in err and "weights_only" not in err
-    assert not (tmp_path / "pwned").exists()
-    assert load_split(tmp_path / "root", "train", cache_dir=cache, progress=False).images is not None
-    assert capsys.readouterr().err == "", "rewritten: read from the cache again"

@@ -1,19 +1,21 @@
-"""Hardening (issue #7), through the `chip` command: untrusted files run no code; bad input is one line on stderr
-with exit code 2 and no traceback; a process killed while writing a checkpoint leaves the previous one intact and
-resumable; and the command line keeps its contract (--version, defaults in every --help, JSON alone on stdout)."""
+"""Hardening, through the `chip` command and the readers behind it: untrusted files run no code; bad input is one
+line on stderr with exit code 2 and no traceback; a process killed while writing a checkpoint leaves the previous one
+intact and resumable; and the command line keeps its contract (--version, defaults in every --help, JSON alone on
+stdout)."""
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
 import re
-import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
 import time
+import warnings
 import zipfile
 from importlib.metadata import version
 from pathlib import Path
@@ -21,38 +23,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
+from attacks import Payload, touching
 from chipprune import __version__
-from chipprune.cli import build_parser, main
+from chipprune.cli import build_parser
+from chipprune.data import DataError, load_split, sources
 from chipprune.fileio import atomic_write, stale_temps
-from chipprune.modelfile import CIFAR10_CLASSES, FORMAT, ModelFile, load_checkpoint
-from chipprune.models import create_model
-from images import write_image_folder
+from chipprune.modelfile import (
+    CIFAR10_CLASSES,
+    FORMAT,
+    ModelFile,
+    ModelFileError,
+    import_weights,
+    load_checkpoint,
+    load_model,
+)
+from chipprune.models import ARCHS, create_model
+from chipprune.sparsity import SparsityError, format_rates, parse_rates, resolve, widths
+from command import run
+from images import make_tree
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "chipprune"
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A 10-class image folder (4 train, 2 test 32x32 PNGs per class) and a ResNet-20 model file."""
-    root = tmp_path_factory.mktemp("hardening")
-    write_image_folder(root / "data", {"train": 4, "test": 2})
-    torch.manual_seed(0)
-    ModelFile("resnet20", create_model("resnet20"), (0.5,) * 3, (0.25,) * 3, list(CIFAR10_CLASSES)).save(
-        root / "r20.pt")
-    return root
-
-
-def run(capsys, *args):
-    """(exit code, stdout, stderr) of `chip ARGS` run in this process."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:  # argparse's own exits: usage errors, --help, --version
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 PROGRESS = re.compile(r"\[(\d+:)?\d\d:\d\d[<,]")  # a tqdm bar: "…| 40/40 [00:00<00:00, …]", "0batch [00:00, …]"
@@ -85,19 +80,9 @@ def fill(args, **paths):
 # ---- untrusted files run no code ---------------------------------------------------------------------------
 
 
-class Evil:
-    """Unpickled, runs a shell command that creates `marker`: what an attacker's file would do instead."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
-
-
 def evil_model(path, marker, how):
     """A 'model file' whose unpickling runs code: torch.save'd or pickle.dump'ed."""
-    payload = {"format": FORMAT, "arch": "resnet20", "state_dict": {"conv1.weight": Evil(marker)}}
+    payload = {"format": FORMAT, "arch": "resnet20", "state_dict": {"conv1.weight": touching(marker)}}
     if how == "torch.save":
         torch.save(payload, path)
     else:
@@ -107,7 +92,7 @@ def evil_model(path, marker, how):
 
 def evil_weights(path, marker, how):
     """Third-party 'weights' whose unpickling runs code: a state_dict under 'state_dict', or a bare one."""
-    state = {"conv1.weight": Evil(marker), "fc.weight": torch.zeros(10, 64)}
+    state = {"conv1.weight": touching(marker), "fc.weight": torch.zeros(10, 64)}
     if how == "torch.save":
         torch.save({"state_dict": state}, path)
     else:
@@ -122,7 +107,7 @@ def evil_cifar(root, marker, how):
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in CIFAR10_CLASSES]},
                                                        protocol=2))
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        (folder / name).write_bytes(pickle.dumps({b"data": Evil(marker), b"labels": [0]}, protocol=2))
+        (folder / name).write_bytes(pickle.dumps({b"data": touching(marker), b"labels": [0]}, protocol=2))
     if how == "folder":
         return folder
     with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
@@ -227,7 +212,7 @@ def test_a_run_folder_checkpoint_runs_no_code_on_resume(capsys, workdir, tmp_pat
 def test_a_scores_file_runs_no_code(capsys, workdir, tmp_path, out):
     marker = tmp_path / "pwned"
     scores = tmp_path / "s.json"
-    scores.write_bytes(pickle.dumps({"format": "chipprune-scores/1", "layers": Evil(marker)}))
+    scores.write_bytes(pickle.dumps({"format": "chipprune-scores/1", "layers": touching(marker)}))
     result = run(capsys, "prune", workdir / "r20.pt", "--scores", scores, "--sparsity", "[0.]*12",
                  "--out", out / "p.pt")
     assert_refused(result, scores, "cannot read scores JSON")
@@ -595,3 +580,154 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one_resumable(capsy
     assert resumed["training"]["step"] == 10
     assert all(torch.equal(v, straight["state_dict"][k]) for k, v in resumed["state_dict"].items()), "bit for bit"
     assert not stale_temps(run_dir / "last.pt"), "the resumed run removed the killed write's temp file"
+
+
+# ---- training runs -----------------------------------------------------------------------------------------
+
+
+
+def test_a_checkpoint_with_damaged_training_state_is_a_one_line_error(workdir, tmp_path, capsys):
+    args = ["finetune", workdir / "r20.pt", "--data", workdir / "data", "--out-dir", tmp_path / "run", "--epochs", "1",
+            "--batch-size", "32", "--workers", "0"]
+    assert run(capsys, *args)[0] == 0
+    d = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    del d["training"]["optimizer"]
+    torch.save(d, tmp_path / "run" / "last.pt")
+    code, _, err = run(capsys, *args, "--resume")
+    assert code == 2
+    assert err.split("\n")[-2].endswith("run/last.pt: damaged checkpoint: its training state has no valid 'optimizer'")
+
+
+# ---- sparsity strings --------------------------------------------------------------------------------------
+
+
+# Pieces of sparsity strings, near-valid and not: st.text alone seldom makes a bracket list. No bare digits, so a
+# repeat count has at most two digits (a count of billions would build a list of billions: see test_hardening).
+PIECES = ["[", "]", "0.1", ".5", "1e-1", "1.", "0.", "*3", ",", "+", " ", "-", "x", "e5", "(", ";", "paper-1"]
+
+
+@given(st.lists(st.sampled_from(PIECES), max_size=12).map("".join))
+def test_near_valid_strings_raise_nothing_but_our_error(text):
+    for call in (parse_rates, lambda t: resolve("resnet20", t), lambda t: widths("resnet56", t)):
+        with contextlib.suppress(SparsityError):
+            call(text)
+
+
+@given(st.sampled_from(sorted(ARCHS)).flatmap(
+    lambda a: st.tuples(st.just(a), st.lists(st.floats(0, 1, exclude_max=True), min_size=ARCHS[a].num_rates,
+                                             max_size=ARCHS[a].num_rates))))
+def test_valid_configurations_round_trip_in_both_forms(arch_rates):
+    arch, rates = arch_rates
+    assert resolve(arch, format_rates(rates)) == rates
+    assert resolve(arch, ",".join(map(repr, rates))) == rates
+    try:
+        w = widths(arch, format_rates(rates))
+    except SparsityError as e:
+        assert "leaves no channels" in str(e)
+    else:
+        assert min(w.values()) >= 1
+
+
+# ---- model files, read directly ----------------------------------------------------------------------------
+
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d.update(arch="resnet99"), "unknown architecture 'resnet99'"),
+    (lambda d: d.pop("state_dict"), "no 'state_dict'"),
+    (lambda d: d.update(num_classes=0), "invalid 'num_classes'"),
+    (lambda d: d.update(classes=["a", "b"]), "invalid 'classes'"),
+    (lambda d: d.update(std=[1.0, 0.0, 1.0]), "invalid 'std'"),
+    (lambda d: d.update(widths={"conv1": -3}), "invalid 'widths'"),
+    (lambda d: d.update(widths={"nonsense": 3}), "widths do not fit resnet20"),
+    (lambda d: d.update(training=[1]), "invalid 'training'"),
+])
+def test_a_damaged_model_dict_names_the_field(tmp_path, change, message):
+    ModelFile("resnet20", create_model("resnet20"), (0.5,) * 3, (0.5,) * 3, [str(i) for i in range(10)]).save(
+        tmp_path / "m.pt")
+    d = torch.load(tmp_path / "m.pt", weights_only=True)
+    change(d)
+    torch.save(d, tmp_path / "m.pt")
+    with pytest.raises(ModelFileError, match=message) as e:
+        load_model(tmp_path / "m.pt")
+    assert str(e.value).startswith(f"{tmp_path / 'm.pt'}: ") and "\n" not in str(e.value)
+
+
+def test_refusals_never_advise_turning_weights_only_off(tmp_path):
+    torch.save({"a": touching(tmp_path / "pwned")}, tmp_path / "evil.pt")
+    with pytest.raises(ModelFileError) as e:
+        load_model(tmp_path / "evil.pt")
+    assert "it asks for posix.system" in str(e.value) and "weights_only" not in str(e.value)
+
+
+def test_import_reports_tensors_of_the_wrong_rank_as_shape_mismatches(tmp_path):
+    state = create_model("resnet20").state_dict()
+    state["conv1.weight"], state["fc.weight"] = torch.tensor(1.0), torch.zeros(10)
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(ModelFileError, match=r"conv1.weight: shape \(\) where the model has \(16, 3, 3, 3\)") as e:
+        import_weights("resnet20", tmp_path / "w.pt")
+    assert "fc.weight: shape (10,)" in str(e.value)
+
+
+# ---- data sources and the decoded-image cache, read directly -----------------------------------------------
+
+
+
+def test_small_images_of_mixed_sizes_are_an_error_naming_two(tmp_path: Path, cache: Path) -> None:
+    make_tree(tmp_path / "root", {"train": {"a": 2, "b": 2}}, size=(8, 6))
+    Image.new("RGB", (7, 6)).save(tmp_path / "root/train/b/01.png")
+    with pytest.raises(DataError, match=r"must all be one size: .*a/00.png is 8x6, .*b/01.png is 7x6$"):
+        load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
+    assert not cache.exists(), "nothing cached"
+
+
+def test_small_then_large_images_are_read_lazily(tmp_path: Path, cache: Path) -> None:
+    make_tree(tmp_path / "root", {"train": {"a": 1, "b": 1, "c": 1}}, size=(8, 6))  # ImageNet has tiny images too
+    Image.new("RGB", (7, 6)).save(tmp_path / "root/train/b/00.png")
+    Image.new("RGB", (300, 200)).save(tmp_path / "root/train/c/00.png")
+    data = load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
+    assert data.images is None and data.paths is not None and len(data.paths) == 3
+
+
+@pytest.mark.parametrize(("name", "message"), [("d.tar.gz", "empty archive .*d.tar.gz"),
+                                               ("root/train/a/00.png", "empty image file .*a/00.png")])
+def test_empty_files_are_named(tmp_path: Path, cache: Path, name: str, message: str) -> None:
+    make_tree(tmp_path / "root", {"train": {"a": 2}})
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(DataError, match=message):
+        load_split(tmp_path / name.split("/")[0], "train", cache_dir=cache, progress=False)
+
+
+def test_an_absent_split_is_told_apart_from_a_damaged_one(tmp_path: Path, cache: Path) -> None:
+    make_tree(tmp_path / "root", {"train": {"a": 2}})
+    with pytest.raises(sources.MissingSplit):
+        load_split(tmp_path / "root", "test", cache_dir=cache, progress=False)
+    make_tree(tmp_path / "root", {"test": {"a": 1}})
+    (tmp_path / "root/test/a/00.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cannot decode") as err:
+        load_split(tmp_path / "root", "test", cache_dir=cache, progress=False)
+    assert not isinstance(err.value, sources.MissingSplit)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02garbage", "malicious", "wrong-dtype"])
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's note on the pickle protocol
+def test_a_damaged_cache_file_is_decoded_again(
+    tmp_path: Path, cache: Path, content: bytes | str
+) -> None:
+    expected = make_tree(tmp_path / "root", {"train": {"a": 2}})
+    load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
+    (file,) = cache.iterdir()
+    if content == "malicious":
+        file.write_bytes(pickle.dumps({"classes": Payload(os.system, (f"touch {tmp_path / 'pwned'}",))}))
+    elif content == "wrong-dtype":
+        torch.save({"classes": ["a"], "labels": torch.zeros(2, dtype=torch.int64), "images": torch.zeros(2, 3)}, file)
+    else:
+        file.write_bytes(content)  # type: ignore[arg-type]
+    with pytest.warns(UserWarning, match=f"ignoring unreadable cache file {re.escape(str(file))}") as said:
+        data = load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
+    assert data.images is not None and torch.equal(data.images, expected["train"][0])
+    assert not any("weights_only" in str(w.message) for w in said)
+    assert not (tmp_path / "pwned").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rewritten: read from the cache again, without a word
+        assert load_split(tmp_path / "root", "train", cache_dir=cache, progress=False).images is not None

@@ -1,4 +1,3 @@
-import contextlib
 
 import pytest
 from hypothesis import given
@@ -67,32 +66,3 @@ def test_unknown_preset_lists_the_known_ones():
         resolve("resnet56", "paper-9")
     with pytest.raises(SparsityError, match="presets: none"):
         resolve("resnet20", "paper-1")
-
-
-# ---- hardening (issue #7) ----------------------------------------------------------------------------------
-
-# Pieces of sparsity strings, near-valid and not: st.text alone seldom makes a bracket list. No bare digits, so a
-# repeat count has at most two digits (a count of billions would build a list of billions: see test_hardening).
-PIECES = ["[", "]", "0.1", ".5", "1e-1", "1.", "0.", "*3", ",", "+", " ", "-", "x", "e5", "(", ";", "paper-1"]
-
-
-@given(st.lists(st.sampled_from(PIECES), max_size=12).map("".join))
-def test_near_valid_strings_raise_nothing_but_our_error(text):
-    for call in (parse_rates, lambda t: resolve("resnet20", t), lambda t: widths("resnet56", t)):
-        with contextlib.suppress(SparsityError):
-            call(text)
-
-
-@given(st.sampled_from(sorted(ARCHS)).flatmap(
-    lambda a: st.tuples(st.just(a), st.lists(st.floats(0, 1, exclude_max=True), min_size=ARCHS[a].num_rates,
-                                             max_size=ARCHS[a].num_rates))))
-def test_valid_configurations_round_trip_in_both_forms(arch_rates):
-    arch, rates = arch_rates
-    assert resolve(arch, format_rates(rates)) == rates
-    assert resolve(arch, ",".join(map(repr, rates))) == rates
-    try:
-        w = widths(arch, format_rates(rates))
-    except SparsityError as e:
-        assert "leaves no channels" in str(e)
-    else:
-        assert min(w.values()) >= 1

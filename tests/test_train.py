@@ -20,31 +20,27 @@ from chipprune.calibrate import score_layers
 from chipprune.cli import main
 from chipprune.criteria import CHIP
 from chipprune.data import batches, load_split
-from chipprune.modelfile import CIFAR10_CLASSES, ModelFile, load_model
+from chipprune.modelfile import load_model
 from chipprune.models import create_model
 from chipprune.train import PRESETS, Config, lr_at
-from images import write_image_folder
+from images import make_workdir
 
 LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"}  # gloo between the test's processes on this machine only
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def work(tmp_path_factory):
     """An image folder (48 train and 2 test 32x32 PNGs per CIFAR-10 class), its train split alone, a ResNet-20."""
-    root = tmp_path_factory.mktemp("train")
-    write_image_folder(root / "data", {"train": 48, "test": 2})
+    root = make_workdir(tmp_path_factory.mktemp("train"), {"train": 48, "test": 2})
     (root / "train-only").mkdir()
     (root / "train-only" / "train").symlink_to(root / "data" / "train")
-    torch.manual_seed(0)
-    ModelFile("resnet20", create_model("resnet20"), (0.5,) * 3, (0.25,) * 3, list(CIFAR10_CLASSES)).save(
-        root / "r20.pt")
     return root
 
 
-def finetune_args(workdir, run, *extra):
+def finetune_args(work, run, *extra):
     """`chip finetune` of the ResNet-20 for 3 quick epochs of 15 steps (480 images, batch 32)."""
-    return ["finetune", str(workdir / "r20.pt"), "--data", str(workdir / "data"), "--out-dir", str(run),
+    return ["finetune", str(work / "r20.pt"), "--data", str(work / "data"), "--out-dir", str(run),
             "--epochs", "3", "--batch-size", "32", "--train-subset", "480", "--lr", "0.05", "--warmup-epochs", "1",
             "--workers", "0", *extra]
 
@@ -83,8 +79,8 @@ def test_presets_are_the_authors_recipes():
 # ---- data for many processes -------------------------------------------------------------------------------
 
 
-def test_ranks_share_every_batch_and_start_skips_whole_batches(workdir):
-    split = load_split(workdir / "data", "train", progress=False)
+def test_ranks_share_every_batch_and_start_skips_whole_batches(work):
+    split = load_split(work / "data", "train", progress=False)
     kw = {"mean": (0.5,) * 3, "std": (0.25,) * 3, "train": True, "shuffle": True, "seed": 3, "drop_last": True}
     whole = list(batches(split, 24, **kw))
     assert len(whole) == 480 // 24 and all(len(y) == 24 for _, y in whole)
@@ -99,9 +95,9 @@ def test_ranks_share_every_batch_and_start_skips_whole_batches(workdir):
 # ---- the run folder ----------------------------------------------------------------------------------------
 
 
-def test_finetune_writes_a_complete_run_folder(workdir, tmp_path, capsys):
+def test_finetune_writes_a_complete_run_folder(work, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(finetune_args(workdir, run, "--epochs", "2", "--train-subset", "64", "--preset", "paper-cifar")) == 0
+    assert main(finetune_args(work, run, "--epochs", "2", "--train-subset", "64", "--preset", "paper-cifar")) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["config"] | {"lr": 0.05, "weight_decay": 0.005, "momentum": 0.9, "batch_size": 32} == config["config"]
     assert config["preset"] == "paper-cifar" and config["train_images"] == 64 and config["steps_per_epoch"] == 2
@@ -116,13 +112,13 @@ def test_finetune_writes_a_complete_run_folder(workdir, tmp_path, capsys):
     best = load_model(run / "best.pt")
     assert best.arch == "resnet20" and best.meta["trained"]["best_top1"] == max(m["test_top1"] for m in lines)
     capsys.readouterr()
-    assert main(["eval", str(run / "last.pt"), "--data", str(workdir / "data"), "--json"]) == 0
+    assert main(["eval", str(run / "last.pt"), "--data", str(work / "data"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == lines[-1]["test_top1"]
 
 
-def test_train_from_scratch_without_an_evaluation_split(workdir, tmp_path, capsys):
+def test_train_from_scratch_without_an_evaluation_split(work, tmp_path, capsys):
     run = tmp_path / "run"
-    code = main(["train", "--arch", "resnet20", "--data", str(workdir / "train-only"), "--out-dir", str(run),
+    code = main(["train", "--arch", "resnet20", "--data", str(work / "train-only"), "--out-dir", str(run),
                  "--epochs", "2", "--batch-size", "32", "--train-subset", "64", "--workers", "0"])
     err = capsys.readouterr().err
     assert code == 0 and err.count("no evaluation split") == 1 and "training without evaluation" in err
@@ -135,11 +131,11 @@ def test_train_from_scratch_without_an_evaluation_split(workdir, tmp_path, capsy
     (("--resume", "--lr", "0.1"), "was made with lr 0.05 (now 0.1): give the same options"),
     (("--batch-size", "1000", "--out-dir", "other"), "fewer than one batch of 1000"),
 ])
-def test_bad_runs_are_one_line_errors(workdir, tmp_path, capsys, monkeypatch, extra, message):
+def test_bad_runs_are_one_line_errors(work, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
-    assert main(finetune_args(workdir, "run", "--epochs", "1", "--train-subset", "32")) == 0
+    assert main(finetune_args(work, "run", "--epochs", "1", "--train-subset", "32")) == 0
     capsys.readouterr()
-    assert main(finetune_args(workdir, "run", "--epochs", "1", "--train-subset", "32", *extra)) == 2
+    assert main(finetune_args(work, "run", "--epochs", "1", "--train-subset", "32", *extra)) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
@@ -163,18 +159,18 @@ def wait_for_step(proc, log, epoch, step):
         time.sleep(0.02)
 
 
-def test_killed_then_stopped_run_resumes_to_bit_identical_weights(workdir, tmp_path):
-    assert main(finetune_args(workdir, tmp_path / "straight")) == 0
+def test_killed_then_stopped_run_resumes_to_bit_identical_weights(work, tmp_path):
+    assert main(finetune_args(work, tmp_path / "straight")) == 0
     run, log = tmp_path / "run", tmp_path / "log.txt"
 
-    proc = start(finetune_args(workdir, run, "--resume"), log)  # the same command line for the start and restarts
+    proc = start(finetune_args(work, run, "--resume"), log)  # the same command line for the start and restarts
     wait_for_step(proc, log, epoch=2, step=3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert "last.pt yet, starting the run" in log.read_text()
     assert torch.load(run / "last.pt", weights_only=True)["training"]["step"] == 15, "killed within epoch 2"
 
-    proc = start(finetune_args(workdir, run, "--resume"), log)
+    proc = start(finetune_args(work, run, "--resume"), log)
     wait_for_step(proc, log, epoch=3, step=3)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 130
@@ -182,7 +178,7 @@ def test_killed_then_stopped_run_resumes_to_bit_identical_weights(workdir, tmp_p
     step = torch.load(run / "last.pt", weights_only=True)["training"]["step"]
     assert 30 < step < 45, "SIGTERM saves within the epoch, after the current step"
 
-    assert main(finetune_args(workdir, run, "--resume")) == 0
+    assert main(finetune_args(work, run, "--resume")) == 0
     straight, resumed = weights(tmp_path / "straight" / "last.pt"), weights(run / "last.pt")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), "bit for bit"
     assert metrics(run) == metrics(tmp_path / "straight")
@@ -191,11 +187,11 @@ def test_killed_then_stopped_run_resumes_to_bit_identical_weights(workdir, tmp_p
 # ---- many processes ----------------------------------------------------------------------------------------
 
 
-def test_two_gloo_processes_match_one_with_the_same_global_batch(workdir, tmp_path):
+def test_two_gloo_processes_match_one_with_the_same_global_batch(work, tmp_path):
     # One process sees each half of a batch as a micro-batch (--accum 2), as BatchNorm does in each of two processes.
-    assert main(finetune_args(workdir, tmp_path / "one", "--epochs", "2", "--train-subset", "128", "--accum", "2")) == 0
+    assert main(finetune_args(work, tmp_path / "one", "--epochs", "2", "--train-subset", "128", "--accum", "2")) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chipprune.cli",
-           *finetune_args(workdir, tmp_path / "two", "--epochs", "2", "--train-subset", "128")]
+           *finetune_args(work, tmp_path / "two", "--epochs", "2", "--train-subset", "128")]
     done = subprocess.run(cmd, env={**os.environ, **LOOPBACK}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
@@ -213,8 +209,8 @@ def calibration_batches():
     return [(torch.randn(n, 3, 32, 32, generator=g), torch.zeros(n, dtype=torch.long)) for n in (5, 4, 1)]
 
 
-def test_chip_score_under_torchrun_equals_one_process(workdir, tmp_path):
-    score = ["score", str(workdir / "r20.pt"), "--data", str(workdir / "data"), "--batches", "3", "--batch-size", "10"]
+def test_chip_score_under_torchrun_equals_one_process(work, tmp_path):
+    score = ["score", str(work / "r20.pt"), "--data", str(work / "data"), "--batches", "3", "--batch-size", "10"]
     assert main([*score, "--out", str(tmp_path / "one.json")]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chipprune.cli",
            *score, "--out", str(tmp_path / "two.json")]
@@ -250,18 +246,3 @@ def test_distributed_calibration_equals_one_process(tmp_path, monkeypatch):
         assert got["images"] == images == 10
         for conv, s in scores.items():
             torch.testing.assert_close(got["scores"][conv], s, rtol=1e-12, atol=1e-12)
-
-
-# ---- hardening (issue #7) ----------------------------------------------------------------------------------
-
-
-def test_a_checkpoint_with_damaged_training_state_is_a_one_line_error(workdir, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert main(finetune_args(workdir, "run", "--epochs", "1", "--train-subset", "32")) == 0
-    d = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    del d["training"]["optimizer"]
-    torch.save(d, tmp_path / "run" / "last.pt")
-    capsys.readouterr()
-    assert main(finetune_args(workdir, "run", "--epochs", "1", "--train-subset", "32", "--resume")) == 2
-    err = capsys.readouterr().err.split("\n")[-2]
-    assert err.endswith("run/last.pt: damaged checkpoint: its training state has no valid 'optimizer'")

@@ -12,13 +12,13 @@ from collections.abc import Iterable
 from typing import NamedTuple, cast
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from tqdm import tqdm
 
 from .criteria import ActivationCriterion, Criterion
 from .data.batching import share
+from .distributed import all_reduce, current
 from .models import ChannelLayer
 
 
@@ -34,27 +34,41 @@ class Tap(NamedTuple):
     channels: int
 
 
+class LayerScores(NamedTuple):
+    """Mean per-channel scores of each prunable conv, and the images they came from (0 for weight criteria)."""
+
+    scores: dict[str, Tensor]
+    images: int
+
+
+class MapScores(NamedTuple):
+    """Mean per-channel scores of each tap's map, the images they came from, and the taps that saw the very same
+    tensor as an earlier tap of the pass, each mapped to that tap (which alone scored it)."""
+
+    scores: dict[str, Tensor]
+    images: int
+    same: dict[str, str]
+
+
 @torch.no_grad()
 def score_layers(model: nn.Module, layers: list[ChannelLayer], criterion: Criterion,
                  batches: Iterable[tuple[Tensor, Tensor]] = (), *, device: str | torch.device = "cpu",
-                 progress: bool = False) -> tuple[dict[str, Tensor], int]:
+                 progress: bool = False) -> LayerScores:
     """Mean per-channel scores of every layer's conv (keyed by conv name), and the images they came from."""
     convs = {layer.conv: cast(nn.Conv2d, model.get_submodule(layer.conv)) for layer in layers}
     if not isinstance(criterion, ActivationCriterion):
-        return {name: criterion.weight_scores(conv) for name, conv in convs.items()}, 0
+        return LayerScores({name: criterion.weight_scores(conv) for name, conv in convs.items()}, 0)
     taps = {layer.conv: Tap(layer.act, "output", convs[layer.conv].out_channels) for layer in layers}
-    scores, images, same = score_maps(model, taps, criterion, (x for x, _ in batches), device=device,
-                                      progress=progress)
-    return scores | {name: scores[first] for name, first in same.items()}, images
+    maps = score_maps(model, taps, criterion, (x for x, _ in batches), device=device, progress=progress)
+    return LayerScores(maps.scores | {name: maps.scores[first] for name, first in maps.same.items()}, maps.images)
 
 
 @torch.no_grad()
 def score_maps(model: nn.Module, taps: dict[str, Tap], criterion: ActivationCriterion, inputs: Iterable[Tensor], *,
-               device: str | torch.device = "cpu", progress: bool = False
-               ) -> tuple[dict[str, Tensor], int, dict[str, str]]:
-    """Mean per-channel scores of the feature map at every tap, in one eval-mode forward pass per batch; the images
-    they came from; and the taps that saw the very same tensor as an earlier tap of the same pass (a map read by
-    several layers), each mapped to that earlier tap: such a map is scored once, and the later tap keeps zeros.
+               device: str | torch.device = "cpu", progress: bool = False) -> MapScores:
+    """Mean per-channel scores of the feature map at every tap, in one eval-mode forward pass per batch. A map read
+    by several layers (the very same tensor at several taps) is scored once: the later taps keep zeros, and `same`
+    maps each to the first.
 
     2-D maps [N, C] (a Linear's input) are scored as [N, C, 1, 1]: one position per image. A module called
     several times per pass adds every call's map."""
@@ -110,26 +124,24 @@ def score_maps(model: nn.Module, taps: dict[str, Tap], criterion: ActivationCrit
 
     model.eval().to(device)
     handles = [attach(name, tap) for name, tap in taps.items()]
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    place = current(device)
     count = torch.zeros((), dtype=torch.float64)
     try:
-        for x in tqdm(inputs, desc=f"scoring ({criterion.name})", unit="batch", disable=not progress or rank > 0):
-            part = x[share(len(x), rank, world)]
+        for x in tqdm(inputs, desc=f"scoring ({criterion.name})", unit="batch",
+                      disable=not progress or not place.writer):
+            part = x[share(len(x), place.rank, place.world)]
             if len(part):
                 forward(part)
                 count += len(part)
     finally:
         for h in handles:
             h.remove()
-    if world > 1:
-        for t in (count, *sums.values()):
-            on_device = t.to(device)  # NCCL reduces GPU tensors only
-            dist.all_reduce(on_device)
-            t.copy_(on_device)
+    for t in (count, *sums.values()):
+        all_reduce(t, place)
     images = int(count)
     if images == 0:
         raise CalibrationError("no calibration images")
-    return {name: s / images for name, s in sums.items()}, images, same
+    return MapScores({name: s / images for name, s in sums.items()}, images, same)
 
 
 def _out_of_memory(e: RuntimeError) -> bool:

@@ -19,7 +19,7 @@ matrix products over a grid of nodes s.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, partial
 
@@ -118,3 +118,16 @@ def channel_independence(a: Tensor, reduction: str = "mean") -> Tensor:
     # A zero row leaves the spectrum unchanged: its CI is exactly 0, not rounding noise.
     ci = torch.where(norm2 > 0, _integrate(lam, w, norm2) * scale[:, 0], 0)
     return ci.mean(0) if reduction == "mean" else ci
+
+
+def reference_ci(a: Tensor, channels: Sequence[int] | None = None) -> Tensor:
+    """CI [N, C] (or [N, len(channels)]) of maps [N, C, ...] by the paper's procedure, one float64 SVD per channel
+    per image: the yardstick the tests and benchmarks/ci_speed.py hold the fast path to."""
+    a = a.flatten(2).double()
+    full = torch.linalg.matrix_norm(a, "nuc")
+    out = []
+    for i in range(a.shape[1]) if channels is None else channels:
+        without = a.clone()
+        without[:, i] = 0
+        out.append(full - torch.linalg.matrix_norm(without, "nuc"))
+    return torch.stack(out, 1)

@@ -18,7 +18,8 @@ from torch import Tensor
 from . import __version__, sparsity
 from .calibrate import CalibrationError, recalibrate_bn, score_layers
 from .criteria import CRITERIA, ActivationCriterion, get_criterion
-from .data import DataError, ImageSplit, batches, load_split
+from .data import DataError, ImageSplit, load_split
+from .distributed import Place, distributed, launched
 from .evaluate import evaluate
 from .export import FORMATS, ExportError, export
 from .fileio import save_json
@@ -27,7 +28,7 @@ from .modelfile import ModelFile, ModelFileError, import_weights, load_model, pa
 from .models import ARCHS, RegistryModel, create_model, get_arch
 from .profile import count_flops, count_params, measure_latency
 from .surgery import RESIDUAL_MODES, prune
-from .train import AMP, PRESETS, Config, Place, TrainError, distributed, fit, load_data
+from .train import AMP, PRESETS, Config, TrainError, fit, load_data
 
 SCORES_FORMAT = "chipprune-scores/1"
 
@@ -308,10 +309,9 @@ def _calibration(args: argparse.Namespace, mf: ModelFile) -> Iterator[tuple[Tens
     _check_classes(train, mf)
     wanted = args.batches * args.batch_size
     if len(train) < wanted:
-        print(f"warning: asked for {wanted} calibration images, the train split has {len(train)}: using them all",
-              file=sys.stderr)
-    return batches(train, args.batch_size, mean=mf.mean, std=mf.std, shuffle=True, seed=args.seed, limit=wanted,
-                   workers=args.workers, image_size=get_arch(mf.arch).input_size)
+        warnings.warn(f"asked for {wanted} calibration images, the train split has {len(train)}: using them all",
+                      stacklevel=2)
+    return mf.batches(train, args.batch_size, shuffle=True, seed=args.seed, limit=wanted, workers=args.workers)
 
 
 def _check_classes(split: ImageSplit, mf: ModelFile) -> None:
@@ -328,9 +328,9 @@ def _scores(args: argparse.Namespace, mf: ModelFile) -> tuple[dict[str, Tensor],
     with distributed(args.device) as place:
         batches_ = _calibration(args, mf) if isinstance(criterion, ActivationCriterion) else iter(())
         scores, images = score_layers(mf.model, mf.model.channel_layers(), criterion, batches_, device=place.device,
-                                      progress=place.rank == 0)
+                                      progress=place.writer)
     how = {"criterion": criterion.name, "images": images, "seed": args.seed, "processes": place.world}
-    return scores, how, place.rank == 0
+    return scores, how, place.writer
 
 
 def _read_scores(path: str, mf: ModelFile) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -388,15 +388,14 @@ def cmd_prune(args: argparse.Namespace) -> None:
     if args.recalibrate_bn:
         train = load_split(args.data, "train")
         # Other images than the calibration's (seed + 1), without augmentation: the statistics of test-like inputs.
-        stream = batches(train, args.batch_size, mean=mf.mean, std=mf.std, shuffle=True, seed=args.seed + 1,
-                         limit=args.recalibrate_bn * args.batch_size, workers=args.workers,
-                         image_size=get_arch(mf.arch).input_size)
+        stream = mf.batches(train, args.batch_size, shuffle=True, seed=args.seed + 1,
+                            limit=args.recalibrate_bn * args.batch_size, workers=args.workers)
         how["recalibrated_bn_images"] = recalibrate_bn(pruned, stream, device=args.device, progress=True)
         pruned.cpu()
     meta = {**mf.meta, "pruned": {**budget, **how, "parent": Path(args.model).name}}
     ModelFile(mf.arch, pruned, mf.mean, mf.std, mf.classes, meta).save(args.out)
     result = {"arch": mf.arch, **budget, **how, "out": args.out,
-              **_sizes(pruned, create_model(mf.arch, None, len(mf.classes)), get_arch(mf.arch).input_size)}
+              **_sizes(pruned, create_model(mf.arch, None, len(mf.classes)), mf.input_size)}
     said = ", ".join(f"{k} {v}" for k, v in budget.items() if v is not None)
     _emit(args, result, f"wrote {args.out}: {mf.arch}, {said}, {how['criterion']}\n" + _sizes_text(result))
 
@@ -408,7 +407,7 @@ def _prune_to_flops(args: argparse.Namespace, mf: ModelFile) -> tuple[RegistryMo
     if args.residual == "paper":
         raise UsageError("--residual paper applies to --sparsity: with --flops-target the dependency graph couples "
                          "the residual channels")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched():
         raise UsageError("--flops-target runs in one process; run it without torchrun")
     criterion = get_criterion(args.criterion, args.seed)
     batches_ = _calibration(args, mf) if isinstance(criterion, ActivationCriterion) else iter(())
@@ -420,7 +419,7 @@ def _prune_to_flops(args: argparse.Namespace, mf: ModelFile) -> tuple[RegistryMo
             images += len(x)
             yield x
 
-    size = get_arch(mf.arch).input_size
+    size = mf.input_size
     model = mf.model.to(args.device)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]  # the registry heads keep their widths
     try:
@@ -442,8 +441,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     mf = load_model(args.model)
     split = load_split(args.data, args.split)
     _check_classes(split, mf)
-    stream = batches(split, args.batch_size, mean=mf.mean, std=mf.std, limit=args.limit, workers=args.workers,
-                     image_size=get_arch(mf.arch).input_size)
+    stream = mf.batches(split, args.batch_size, limit=args.limit, workers=args.workers)
     result = {"model": args.model, "split": args.split,
               **evaluate(mf.model, stream, device=args.device, progress=True)}
     _emit(args, result, f"{args.model} on {args.split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
@@ -456,7 +454,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     with distributed(args.device) as place:
         train, test = load_data(args.data, args.val_data, args.train_subset, args.seed, place)
         _check_classes(train, mf)
-        preset = "paper-imagenet" if get_arch(mf.arch).input_size > 32 else "paper-cifar"
+        preset = "paper-imagenet" if mf.input_size > 32 else "paper-cifar"
         _fit(args, mf, train, test, place, preset, {"command": "finetune", "model": args.model})
 
 
@@ -481,7 +479,7 @@ def _fit(args: argparse.Namespace, mf: ModelFile, train: ImageSplit, test: Image
     history = fit(mf, train, test, cfg, run, resume=args.resume, place=place, channels_last=args.channels_last,
                   compile=args.compile, workers=args.workers,
                   about={**about, "data": args.data, "val_data": args.val_data, "preset": preset})
-    if place.rank == 0:
+    if place.writer:
         h = history[-1]
         score = "no evaluation" if h["test_top1"] is None else f"test top-1 {h['test_top1']:.2f}%"
         print(f"wrote {run}/last.pt after epoch {h['epoch']} ({score}); per-epoch metrics in {run}/metrics.jsonl",

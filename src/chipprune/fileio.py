@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,16 +43,17 @@ def reason(e: BaseException) -> str:
     return lines[0].rstrip(": ") if lines else type(e).__name__
 
 
-def load_reason(e: BaseException) -> str:
-    """The one-line reason of a failed `torch.load`, without torch's advice to disable weights_only."""
-    text = str(e).partition("WeightsUnpickler error:")[2] or str(e)  # older torch put its reason after this
-    # torch 2.6+ opens with "Weights only load failed ... weights_only=False ..." and closes with a link to the docs:
-    # following that advice would run the file's code, so keep the paragraphs between, which say what was found.
-    kept = [p.strip() for p in text.split("\n\n") if p.strip() and "weights_only" not in p and "torch.load" not in p]
-    if not kept:
-        return type(e).__name__
+def load_reason(e: BaseException, path: str | os.PathLike) -> str:
+    """The one-line reason a weights-only `torch.load` of `path` failed, told by the error's type and our own look
+    at the file, not by torch's wording (which changes between releases and advises disabling weights_only)."""
+    if isinstance(e, pickle.UnpicklingError):  # the weights-only unpickler refused what the file holds
+        try:  # names the objects a zip checkpoint asks for, reading the pickle's opcodes without running any
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a zip checkpoint: a bare pickle, or a damaged one
+            unsafe = []
+        return f"it asks for {', '.join(unsafe[:3])}" if unsafe else "the weights-only reader refused it"
     # Only the first sentence of the first line: torch's zip reader appends a paragraph of advice in the same line.
-    return kept[0].splitlines()[0].split(". ")[0].rstrip(".: ") or type(e).__name__
+    return reason(e).split(". ")[0].rstrip(".: ") or type(e).__name__
 
 
 def stale_temps(path: str | os.PathLike) -> list[Path]:

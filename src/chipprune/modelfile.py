@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .data import ImageSplit, batches
 from .fileio import load_reason, reason, save_torch
 from .models import ARCHS, RegistryModel, create_model, get_arch
 from .models.resnet_cifar import ChannelShortcut
@@ -44,6 +46,15 @@ class ModelFile:
     classes: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def input_size(self) -> int:
+        """The side of the square images the model takes."""
+        return get_arch(self.arch).input_size
+
+    def batches(self, data: ImageSplit, batch_size: int, **options: Any) -> Iterator[tuple[Tensor, Tensor]]:
+        """`data.batches` prepared for this model: its normalization and input size (options as there)."""
+        return batches(data, batch_size, mean=self.mean, std=self.std, image_size=self.input_size, **options)
+
     def save(self, path: str | os.PathLike, training: dict[str, Any] | None = None) -> None:
         """Write atomically (a crash leaves the old file or the new one, never half of one), with any training state."""
         payload: dict[str, Any] = {
@@ -70,7 +81,7 @@ def safe_load(path: str | os.PathLike) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
         raise ModelFileError(f"{path}: cannot be read safely as a weights file: corrupt or truncated, or holding "
-                             f"objects other than tensors and plain containers ({load_reason(e)})") from None
+                             f"objects other than tensors and plain containers ({load_reason(e, path)})") from None
 
 
 def load_model(path: str | os.PathLike) -> ModelFile:

@@ -10,42 +10,79 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .data import ImageSplit, batches, load_split
+from .data import ImageSplit, load_split
 from .data.sources import MissingSplit
+from .distributed import LOCAL, Place, all_reduce, barrier, broadcast_buffers, on_any
 from .evaluate import evaluate
 from .fileio import atomic_write, save_json, stale_temps
 from .modelfile import ModelFile, load_checkpoint
-from .models import RegistryModel, get_arch
+from .models import RegistryModel
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
 LOG_EVERY = 10  # steps between progress-bar updates: each one waits for the device
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "curves.png")
 # What a checkpoint's training state holds (see _training_state), checked before a resume relies on it.
 TRAINING_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "step": int, "history": list, "best_top1": (float, type(None)), "partial": list, "config": dict,
+    "step": int, "history": list, "best_top1": (float, type(None)), "partial": (dict, list), "config": dict,
     "optimizer": dict, "scaler": dict, "rng": dict}
 
 
 class TrainError(ValueError):
     """A training run that cannot start or go on as asked."""
+
+
+@dataclass(frozen=True)
+class Tally:
+    """An epoch's sums over all the processes so far: loss x images, top-1 hits, images, seconds of training."""
+
+    loss: float = 0.0
+    hits: float = 0.0
+    images: float = 0.0
+    seconds: float = 0.0
+
+
+class StepSums(NamedTuple):
+    """This process's sums over the epoch's steps so far, kept on the device: reading one waits for the device."""
+
+    loss: Tensor  # loss x images
+    hits: Tensor
+    images: Tensor
+
+    @classmethod
+    def starting_at(cls, tally: Tally, device: torch.device) -> StepSums:
+        """Sums that start from a tally's (its seconds are counted apart)."""
+        values = (tally.loss, tally.hits, tally.images)
+        return cls(*(torch.tensor(v, dtype=torch.float64, device=device) for v in values))
+
+    def add(self, loss: Tensor, logits: Tensor, labels: Tensor) -> None:
+        """Add one micro-batch's mean loss and hits."""
+        self.loss.add_(loss.detach().double() * len(labels))
+        self.hits.add_((logits.argmax(1) == labels).sum())
+        self.images.add_(len(labels))
+
+    def reduced(self, place: Place, seconds: float) -> Tally:
+        """The sums of all the processes, as numbers (one all-reduce)."""
+        packed = torch.stack(list(self))
+        all_reduce(packed, place)
+        loss, hits, images = packed.tolist()
+        return Tally(loss, hits, images, seconds)
 
 
 @dataclass(frozen=True)
@@ -77,56 +114,26 @@ PRESETS = {
 }
 
 
-@dataclass(frozen=True)
-class Place:
-    """This process among the run's processes: its rank, their number, its device."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-
-LOCAL = Place()
-
-
-@contextmanager
-def distributed(device: str) -> Iterator[Place]:
-    """This process's place; under torchrun, inside the process group (NCCL on GPUs, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = torch.device(device)
-    if world == 1:
-        yield Place(0, 1, dev)
-        return
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    try:
-        yield Place(dist.get_rank(), world, dev)
-    finally:
-        dist.destroy_process_group()
-
-
 def load_data(source: str, val_source: str | None, subset: int | None, seed: int,
               place: Place) -> tuple[ImageSplit, ImageSplit | None]:
     """The train split (a seeded subset of it, if asked) and the evaluation split, if there is one."""
-    train = load_split(source, "train", progress=place.rank == 0)
+    train = load_split(source, "train", progress=place.writer)
     if subset is not None:
-        if subset > len(train) and place.rank == 0:
-            print(f"warning: asked for {subset} training images, the train split has {len(train)}: using them all",
-                  file=sys.stderr)
+        if subset > len(train) and place.writer:
+            warnings.warn(f"asked for {subset} training images, the train split has {len(train)}: using them all",
+                          stacklevel=2)
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:subset].sort().values
         train = replace(train, labels=train.labels[idx],
                         images=None if train.images is None else train.images[idx],
                         paths=None if train.paths is None else [train.paths[i] for i in idx.tolist()],
                         spans=None if train.spans is None else train.spans[idx])
     try:
-        test = load_split(val_source or source, "test", progress=place.rank == 0)
+        test = load_split(val_source or source, "test", progress=place.writer)
     except MissingSplit as e:  # a damaged split is an error, not a reason to train without evaluation
         if val_source:
             raise
-        if place.rank == 0:
-            print(f"no evaluation split ({e}): training without evaluation, so no best.pt", file=sys.stderr)
+        if place.writer:
+            warnings.warn(f"no evaluation split ({e}): training without evaluation, so no best.pt", stacklevel=2)
         return train, None
     if test.classes != train.classes:
         raise TrainError(f"the evaluation split's classes differ from the train split's: {val_source or source}")
@@ -162,10 +169,10 @@ def fit(mf: ModelFile, train: ImageSplit, test: ImageSplit | None, cfg: Config, 
     elif last.exists():
         raise TrainError(f"{run} already holds a run: --resume to continue it, or choose another --out-dir")
     else:
-        if resume and place.rank == 0:  # one command line for the first start and every restart
+        if resume and place.writer:  # one command line for the first start and every restart
             print(f"--resume: no {last} yet, starting the run", file=sys.stderr)
-        state = {"step": 0, "history": [], "best_top1": None, "partial": [0.0] * 4}
-    if place.rank == 0:
+        state = {"step": 0, "history": [], "best_top1": None, "partial": Tally()}
+    if place.writer:
         _remove_stale_temps(run)
         save_json({**(about or {}), "config": asdict(cfg), "processes": place.world, "device": str(place.device),
                    "channels_last": channels_last, "compile": compile, "train_images": len(train),
@@ -200,59 +207,55 @@ def fit(mf: ModelFile, train: ImageSplit, test: ImageSplit | None, cfg: Config, 
         ModelFile(mf.arch, model, mf.mean, mf.std, mf.classes, meta).save(path, training)
 
     history: list[dict[str, Any]] = state["history"]
-    image_size = get_arch(mf.arch).input_size
     with _stop_requests() as stop_asked:
         for epoch in range(len(history) + 1, cfg.epochs + 1):
             start = state["step"] - (epoch - 1) * steps  # > 0 when resuming an epoch cut short
-            # loss x images, hits, images: this process's, summed over the processes at the end of the epoch
-            totals = torch.tensor(state["partial"][:3] if place.rank == 0 else [0.0] * 3, dtype=torch.float64,
-                                  device=device)
-            before, began = state["partial"][3], time.perf_counter()
-            stream = batches(train, cfg.batch_size, mean=mf.mean, std=mf.std, train=True, shuffle=True,
-                             seed=cfg.seed * 1_000_000 + epoch, workers=workers, image_size=image_size, drop_last=True,
-                             start=start, rank=place.rank, world=place.world, device=device)
+            # Rank 0 carries the sums of an epoch cut short; every process adds its own, summed at the end.
+            sums = StepSums.starting_at(state["partial"] if place.writer else Tally(), device)
+            before, began = state["partial"].seconds, time.perf_counter()
+            stream = mf.batches(train, cfg.batch_size, train=True, shuffle=True, seed=cfg.seed * 1_000_000 + epoch,
+                                workers=workers, drop_last=True, start=start, rank=place.rank, world=place.world,
+                                device=device)
             bar = tqdm(stream, desc=f"epoch {epoch}/{cfg.epochs}", total=steps, initial=start, unit="step",
-                       disable=not progress or place.rank > 0)
+                       disable=not progress or not place.writer)
             net.train()
             for done, (x, y) in enumerate(bar, 1):
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                _step(net, opt, scaler, x, y, lr_at(state["step"], cfg, steps), cfg, totals)
+                _step(net, opt, scaler, x, y, lr_at(state["step"], cfg, steps), cfg, sums)
                 state["step"] += 1
                 if done % LOG_EVERY == 0:
-                    loss, _, seen = totals.tolist()
                     rate = done * cfg.batch_size / (time.perf_counter() - began)
-                    bar.set_postfix_str(f"loss {loss / seen:.3f}, {rate:.0f} img/s")
-                if _on_any(stop_asked(), place):
-                    _all_reduce(totals, place)
-                    state["partial"] = [*totals.tolist(), before + time.perf_counter() - began]
-                    if place.rank == 0:
+                    bar.set_postfix_str(f"loss {float(sums.loss / sums.images):.3f}, {rate:.0f} img/s")
+                if on_any(stop_asked(), place):
+                    state["partial"] = sums.reduced(place, before + time.perf_counter() - began)
+                    if place.writer:
                         save(last, _training_state(state, cfg, opt, scaler, device))
                         print(f"stopped: saved {last} at epoch {epoch}, step {state['step']}; continue with --resume",
                               file=sys.stderr)
-                    _barrier(place)  # no process may exit (and have torchrun end the others) before the save
+                    barrier(place)  # no process may exit (and have torchrun end the others) before the save
                     raise KeyboardInterrupt
             bar.close()
-            trained = before + time.perf_counter() - began
-            _all_reduce(totals, place)
-            loss_sum, hits, images = totals.tolist()
-            top1, top5 = _evaluate(model, test, mf, cfg.batch_size, image_size, workers, place, progress)
+            epoch_sums = sums.reduced(place, before + time.perf_counter() - began)
+            top1, top5 = _evaluate(model, test, mf, cfg.batch_size, workers, place, progress)
             history.append({"epoch": epoch, "lr": lr_at(epoch * steps - 1, cfg, steps),
-                            "train_loss": loss_sum / images, "train_top1": 100 * hits / images,
-                            "test_top1": top1, "test_top5": top5, "images_per_s": images / trained,
+                            "train_loss": epoch_sums.loss / epoch_sums.images,
+                            "train_top1": 100 * epoch_sums.hits / epoch_sums.images,
+                            "test_top1": top1, "test_top5": top5,
+                            "images_per_s": epoch_sums.images / epoch_sums.seconds,
                             "seconds": before + time.perf_counter() - began})
             best = top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"])
             if best:
                 state["best_top1"] = top1
-            state["partial"] = [0.0] * 4
-            if place.rank == 0:
+            state["partial"] = Tally()
+            if place.writer:
                 save(last, _training_state(state, cfg, opt, scaler, device))
                 if best:
                     save(run / "best.pt", None)
                 atomic_write(run / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
-    if place.rank == 0:
+    if place.writer:
         plot_curves(history, run / "curves.png")
-    _barrier(place)  # the others wait for rank 0's writes: torchrun ends every process once one has exited
+    barrier(place)  # the others wait for rank 0's writes: torchrun ends every process once one has exited
     return history
 
 
@@ -271,8 +274,8 @@ def _to(split: ImageSplit, device: torch.device) -> ImageSplit:
 
 
 def _step(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: Tensor, y: Tensor, lr: float,
-          cfg: Config, totals: Tensor) -> None:
-    """One optimizer step on a batch, its micro-batches' gradients added; adds the loss and hits to `totals`."""
+          cfg: Config, sums: StepSums) -> None:
+    """One optimizer step on a batch, its micro-batches' gradients added; adds the loss and hits to `sums`."""
     for group in opt.param_groups:
         group["lr"] = lr
     for xm, ym in zip(x.chunk(cfg.accum), y.chunk(cfg.accum), strict=True):
@@ -280,28 +283,23 @@ def _step(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScal
             logits = net(xm)
             loss = F.cross_entropy(logits, ym, label_smoothing=cfg.label_smoothing)
         scaler.scale(loss / cfg.accum).backward()
-        totals[0] += loss.detach().double() * len(ym)
-        totals[1] += (logits.argmax(1) == ym).sum()
-        totals[2] += len(ym)
+        sums.add(loss, logits, ym)
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
 
 
-def _evaluate(model: nn.Module, test: ImageSplit | None, mf: ModelFile, batch_size: int, image_size: int,
-              workers: int, place: Place, progress: bool) -> tuple[float | None, float | None]:
+def _evaluate(model: nn.Module, test: ImageSplit | None, mf: ModelFile, batch_size: int, workers: int, place: Place,
+              progress: bool) -> tuple[float | None, float | None]:
     """Test top-1 and top-5 over all the processes' shares of the split; None without a split."""
     if test is None:
         return None, None
-    if place.world > 1:
-        for b in model.buffers():  # DDP left each process with BatchNorm statistics of its own share
-            dist.broadcast(b, 0)
-    stream = batches(test, batch_size, mean=mf.mean, std=mf.std, workers=workers, image_size=image_size,
-                     rank=place.rank, world=place.world, device=place.device)
-    r = evaluate(model, stream, device=place.device, progress=progress and place.rank == 0)
+    broadcast_buffers(model, place)  # DDP left each process with BatchNorm statistics of its own share
+    stream = mf.batches(test, batch_size, workers=workers, rank=place.rank, world=place.world, device=place.device)
+    r = evaluate(model, stream, device=place.device, progress=progress and place.writer)
     counts = torch.tensor([r["top1"] * r["images"] / 100, r["top5"] * r["images"] / 100, r["images"]],
                           dtype=torch.float64, device=place.device)
-    _all_reduce(counts, place)
+    all_reduce(counts, place)
     top1, top5, images = counts.round().tolist()
     return 100 * top1 / images, 100 * top5 / images
 
@@ -314,6 +312,11 @@ def _resume(last: Path, cfg: Config) -> tuple[ModelFile, dict[str, Any]]:
     missing = [k for k, kind in TRAINING_FIELDS.items() if k not in state or not isinstance(state[k], kind)]
     if missing:
         raise TrainError(f"{last}: damaged checkpoint: its training state has no valid {missing[0]!r}")
+    try:  # checkpoints before the named record held a list [loss, hits, images, seconds]
+        partial = state["partial"]
+        state["partial"] = Tally(*partial) if isinstance(partial, list) else Tally(**partial)
+    except TypeError:
+        raise TrainError(f"{last}: damaged checkpoint: its training state has no valid 'partial'") from None
     diff = [f"{k} {state['config'].get(k)} (now {v})" for k, v in asdict(cfg).items() if state["config"].get(k) != v]
     if diff:
         raise TrainError(f"--resume: the run in {last.parent} was made with {', '.join(diff)}: give the same options")
@@ -326,7 +329,8 @@ def _training_state(state: dict[str, Any], cfg: Config, opt: torch.optim.Optimiz
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    return {**state, "config": asdict(cfg), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
+    return {**state, "partial": asdict(state["partial"]), "config": asdict(cfg), "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng}
 
 
 def _set_rng_states(rng: dict[str, Tensor], device: torch.device) -> None:
@@ -346,27 +350,6 @@ def _stop_requests() -> Iterator[Callable[[], bool]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _on_any(flag: bool, place: Place) -> bool:
-    """Whether `flag` is set in any process: all must stop at the same step."""
-    if place.world == 1:
-        return flag
-    t = torch.tensor(float(flag), device=place.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t)
-
-
-def _all_reduce(t: Tensor, place: Place) -> None:
-    """Sum `t` over the processes, in place."""
-    if place.world > 1:
-        dist.all_reduce(t)
-
-
-def _barrier(place: Place) -> None:
-    """Wait for every process."""
-    if place.world > 1:
-        dist.barrier()
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:

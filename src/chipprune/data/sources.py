@@ -7,7 +7,6 @@ import hashlib
 import io
 import os
 import pickle
-import sys
 import tarfile
 import warnings
 import zlib
@@ -430,13 +429,13 @@ def _load_cache(cache: Path) -> ImageSplit | None:
             warnings.simplefilter("ignore", UserWarning)  # torch's note on the pickle protocol, before it refuses
             d = torch.load(cache, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
-        why = load_reason(e)
+        why = load_reason(e, cache)
     else:
         split = _cached_split(d)
         if split is not None:
             return split
         why = "not a cached split"
-    print(f"warning: ignoring unreadable cache file {cache} ({why}): decoding the images again", file=sys.stderr)
+    warnings.warn(f"ignoring unreadable cache file {cache} ({why}): decoding the images again", stacklevel=2)
     return None
 
 

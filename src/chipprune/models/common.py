@@ -31,6 +31,11 @@ class ChannelLayer:
     group: str | None = None  # layers of one group are added together through identity shortcuts
 
 
+def with_all_kept(keep: dict[str, Tensor], widths: dict[str, int]) -> dict[str, Tensor]:
+    """`keep`, completed with every conv it does not name keeping all its channels."""
+    return {name: torch.arange(c) for name, c in widths.items()} | keep
+
+
 def paper_width(channels: int, rate: float) -> int:
     """Channels kept at a pruning rate, with the paper's arithmetic (floor)."""
     return int(channels * (1 - rate))

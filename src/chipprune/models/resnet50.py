@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import cast
 
-import torch
 from torch import Tensor, nn
 
-from .common import ChannelLayer, RegistryModel, paper_width, take
+from .common import ChannelLayer, RegistryModel, paper_width, take, with_all_kept
 
 STAGES = ((3, 256, 1), (4, 512, 2), (6, 1024, 2), (3, 2048, 2))  # blocks, output channels, stride
 
@@ -86,7 +85,7 @@ class ResNet50(RegistryModel):
         """A smaller dense copy keeping, per conv, the output channels `keep[conv]` (sorted; missing = all).
 
         Identity shortcuts add by position, so they stay aligned only where a stage keeps one channel set."""
-        keep = {n: torch.arange(c) for n, c in self.widths.items()} | keep
+        keep = with_all_kept(keep, self.widths)
         pruned = ResNet50({n: len(k) for n, k in keep.items()}, self.fc.out_features)
         take(pruned.conv1, self.conv1, keep["conv1"])
         take(pruned.bn1, self.bn1, keep["conv1"])

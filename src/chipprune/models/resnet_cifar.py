@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import ChannelLayer, RegistryModel, paper_width, take
+from .common import ChannelLayer, RegistryModel, paper_width, take, with_all_kept
 
 STAGE_CHANNELS = (16, 32, 64)
 
@@ -141,8 +141,7 @@ class ResNetCifar(RegistryModel):
 
         Shortcuts either keep routing each surviving channel to the channel it fed before (aligned sums),
         or, as the paper's code, pad or crop by position (`positional_shortcuts`)."""
-        full = {n: torch.arange(c) for n, c in self.widths.items()}
-        keep = full | keep
+        keep = with_all_kept(keep, self.widths)
         pruned = ResNetCifar(self.depth, {n: len(k) for n, k in keep.items()}, self.fc.out_features)
         take(pruned.conv1, self.conv1, keep["conv1"])
         take(pruned.bn1, self.bn1, keep["conv1"])

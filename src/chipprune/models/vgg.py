@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import Tensor, nn
 
-from .common import ChannelLayer, RegistryModel, paper_width, take
+from .common import ChannelLayer, RegistryModel, paper_width, take, with_all_kept
 
 CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 CONVS = tuple(f"features.conv{i}" for i, c in enumerate(CFG) if c != "M")
@@ -50,7 +49,7 @@ class VGG(RegistryModel):
 
     def prune(self, keep: dict[str, Tensor], positional_shortcuts: bool = False) -> VGG:
         """A smaller dense copy keeping, per conv, the output channels `keep[conv]` (sorted; missing = all)."""
-        keep = {n: torch.arange(c) for n, c in self.widths.items()} | keep
+        keep = with_all_kept(keep, self.widths)
         pruned = VGG({n: len(k) for n, k in keep.items()}, self.num_classes)
         prev = None
         for conv in CONVS:
