@@ -70,8 +70,10 @@ def main() -> None:
     if args.peak_of:
         return _print_peak(args.peak_of)
     rounds = 2 if args.quick else 3
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average "
-          f"{os.getloadavg()[0]:.1f} at start; times are the best of {rounds} interleaved rounds")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average "
+        f"{os.getloadavg()[0]:.1f} at start; times are the best of {rounds} interleaved rounds"
+    )
     header = f"{'layer':18} {'maps [N, C, H, W]':18} {'path':>4} {'reference':>17} {'thr':>3} {'fast':>10} "
     print(f"\nCPU\n{header}{'speed-up':>9} {'max rel err':>12} {'images/s':>9}")
     gen = torch.Generator().manual_seed(0)
@@ -94,8 +96,10 @@ def main() -> None:
         mark = "scaled" if scale > 1 else "measured"
         dims = "x".join(map(str, shape))
         path = "eigh" if shape[1] <= shape[2] * shape[3] else "svd"
-        print(f"{name:18} {dims:18} {path:>4} {t_ref * scale:8.3f} s {mark:>8} {ref_threads:3} {t_fast * 1e3:7.1f} ms "
-              f"{t_ref * scale / t_fast:8.0f}x {err:12.1e} {shape[0] / t_fast:9.0f}")
+        print(
+            f"{name:18} {dims:18} {path:>4} {t_ref * scale:8.3f} s {mark:>8} {ref_threads:3} {t_fast * 1e3:7.1f} ms "
+            f"{t_ref * scale / t_fast:8.0f}x {err:12.1e} {shape[0] / t_fast:9.0f}"
+        )
         maps.append(a)
         subsets.append((n_img, channels, ref))
     print("reference subsets: " + "; ".join(f"{n} images x {len(c)} channels" for n, c, _ in subsets))
@@ -117,8 +121,10 @@ def main() -> None:
 
 
 # whole network: arch, calibration images, batch size, on CPU / on CUDA
-NETWORKS = {"cpu": [("resnet56", 640, 128), ("resnet50", 64, 16)],
-            "cuda": [("resnet56", 640, 128), ("resnet50", 640, 64)]}
+NETWORKS = {
+    "cpu": [("resnet56", 640, 128), ("resnet50", 64, 16)],
+    "cuda": [("resnet56", 640, 128), ("resnet50", 640, 64)],
+}
 
 
 def peak_mib(device: str, run: Callable[[], object]) -> tuple[float, float]:
@@ -179,8 +185,10 @@ def _print_peak(spec: str) -> None:
 def network_table(device: str, rounds: int) -> None:
     """Whole-network CHIP scoring (forward + CI of every scored layer) against the plain forward pass."""
     print(f"\nWhole network on {device}: scoring (one pass, hooks, CI of every layer) vs the plain forward pass")
-    print(f"{'model':9} {'images':>6} {'forward':>9} {'scoring':>9} {'time':>6} {'fwd MiB':>8} {'score MiB':>9} "
-          f"{'mem':>6}")
+    print(
+        f"{'model':9} {'images':>6} {'forward':>9} {'scoring':>9} {'time':>6} {'fwd MiB':>8} {'score MiB':>9} "
+        f"{'mem':>6}"
+    )
     for arch, images, batch in NETWORKS[device]:
         forward, scoring = (_pass(device, arch, images, batch, scored) for scored in (False, True))
         forward()  # warm-up: allocator pools and one-time initialisation count for neither side
@@ -189,8 +197,11 @@ def network_table(device: str, rounds: int) -> None:
         if device == "cpu":  # memory from fresh processes (see _fresh_peak_mib)
             fwd = fwd[0], _fresh_peak_mib(arch, images, batch, scored=False)
             sc = sc[0], _fresh_peak_mib(arch, images, batch, scored=True)
-        print(f"{arch:9} {images:6} {fwd[0]:8.2f}s {sc[0]:8.2f}s {sc[0] / fwd[0]:5.2f}x {fwd[1]:8.0f} {sc[1]:9.0f} "
-              f"{sc[1] / max(fwd[1], 1):5.2f}x", flush=True)
+        print(
+            f"{arch:9} {images:6} {fwd[0]:8.2f}s {sc[0]:8.2f}s {sc[0] / fwd[0]:5.2f}x {fwd[1]:8.0f} {sc[1]:9.0f} "
+            f"{sc[1] / max(fwd[1], 1):5.2f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def main() -> None:
                 runtimes = {
                     "eager": lambda b, m=model: measure_latency(m, 32, b, repeats=args.repeats)["median_ms"],
                     "torchscript": lambda b, p=ts_path: measure_latency(
-                        torch.jit.load(str(p)), 32, b, repeats=args.repeats)["median_ms"],
+                        torch.jit.load(str(p)), 32, b, repeats=args.repeats
+                    )["median_ms"],
                     "onnxruntime": lambda b, p=onnx_path: onnx_latency(p, b, args.repeats, args.threads),
                 }
                 for runtime, measure in runtimes.items():
@@ -89,8 +90,10 @@ def main() -> None:
         print(f"\nCUDA ({torch.cuda.get_device_name()}), eager:")
         for name, w in configurations().items():
             model = create_model("resnet56", w).cuda()
-            cells = [f"batch {b}: {measure_latency(model, 32, b, repeats=args.repeats)['median_ms']:.2f} ms"
-                     for b in (*BATCHES, 256)]
+            cells = [
+                f"batch {b}: {measure_latency(model, 32, b, repeats=args.repeats)['median_ms']:.2f} ms"
+                for b in (*BATCHES, 256)
+            ]
             print(f"  {name}: " + ", ".join(cells))
 
 

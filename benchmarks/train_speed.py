@@ -61,8 +61,13 @@ class PerImage(Dataset):
 def plain(model: nn.Module, split: ImageSplit, batch_size: int, workers: int, device: torch.device) -> float:
     """Images/s of the second epoch of the plain loop."""
     assert split.images is not None
-    loader = DataLoader(PerImage(split.images.permute(0, 2, 3, 1).numpy(), split.labels), batch_size=batch_size,
-                        shuffle=True, num_workers=workers, drop_last=True)
+    loader = DataLoader(
+        PerImage(split.images.permute(0, 2, 3, 1).numpy(), split.labels),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+    )
     cfg = PRESETS["paper-cifar"]
     model = model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -79,14 +84,31 @@ def plain(model: nn.Module, split: ImageSplit, batch_size: int, workers: int, de
     return images / (time.perf_counter() - began)
 
 
-def fast(model: RegistryModel, split: ImageSplit, batch_size: int, device: torch.device, amp: str, channels_last: bool,
-         compile: bool, arch: str) -> float:
+def fast(
+    model: RegistryModel,
+    split: ImageSplit,
+    batch_size: int,
+    device: torch.device,
+    amp: str,
+    channels_last: bool,
+    compile: bool,
+    arch: str,
+) -> float:
     """Images/s of the second epoch of chipprune's loop."""
     cfg = replace(PRESETS["paper-cifar"], epochs=2, batch_size=batch_size, warmup_epochs=0, amp=amp)
     mf = ModelFile(arch, model, MEAN, STD, list(CIFAR10_CLASSES))
     with tempfile.TemporaryDirectory() as run:
-        history = fit(mf, split, None, cfg, Path(run), place=Place(device=device), channels_last=channels_last,
-                      compile=compile, progress=False)
+        history = fit(
+            mf,
+            split,
+            None,
+            cfg,
+            Path(run),
+            place=Place(device=device),
+            channels_last=channels_last,
+            compile=compile,
+            progress=False,
+        )
     return history[-1]["images_per_s"]
 
 
@@ -104,23 +126,40 @@ def main() -> None:
     steps = args.steps or (100 if gpu else 8)
     g = torch.Generator().manual_seed(0)
     n = steps * args.batch_size
-    split = ImageSplit(list(CIFAR10_CLASSES), torch.randint(0, 10, (n,), generator=g),
-                       torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g))
+    split = ImageSplit(
+        list(CIFAR10_CLASSES),
+        torch.randint(0, 10, (n,), generator=g),
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+    )
     torch.manual_seed(0)
     model = create_model(args.arch, widths(args.arch, args.sparsity) if args.sparsity else None)
     name = args.arch + (f" at {args.sparsity}" if args.sparsity else "")
-    print(f"{name}, batch {args.batch_size}, {steps} steps per epoch, {args.device} "
-          f"({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(
+        f"{name}, batch {args.batch_size}, {steps} steps per epoch, {args.device} "
+        f"({torch.get_num_threads()} threads), torch {torch.__version__}"
+    )
 
-    rows = [("plain PyTorch loop: DataLoader, per-image transforms, fp32",
-             plain(copy.deepcopy(model), split, args.batch_size, args.workers, device)),
-            ("chipprune: data on the device, batched augmentation, fp32",
-             fast(copy.deepcopy(model), split, args.batch_size, device, "off", False, False, args.arch))]
+    rows = [
+        (
+            "plain PyTorch loop: DataLoader, per-image transforms, fp32",
+            plain(copy.deepcopy(model), split, args.batch_size, args.workers, device),
+        ),
+        (
+            "chipprune: data on the device, batched augmentation, fp32",
+            fast(copy.deepcopy(model), split, args.batch_size, device, "off", False, False, args.arch),
+        ),
+    ]
     if gpu:
-        rows += [("chipprune + bf16 autocast + channels_last",
-                  fast(copy.deepcopy(model), split, args.batch_size, device, "bf16", True, False, args.arch)),
-                 ("chipprune + bf16 autocast + channels_last + torch.compile",
-                  fast(copy.deepcopy(model), split, args.batch_size, device, "bf16", True, True, args.arch))]
+        rows += [
+            (
+                "chipprune + bf16 autocast + channels_last",
+                fast(copy.deepcopy(model), split, args.batch_size, device, "bf16", True, False, args.arch),
+            ),
+            (
+                "chipprune + bf16 autocast + channels_last + torch.compile",
+                fast(copy.deepcopy(model), split, args.batch_size, device, "bf16", True, True, args.arch),
+            ),
+        ]
     base = rows[0][1]
     print(f"{'':60s} {'images/s':>10s} {'speed-up':>9s} {'epochs/min':>11s}")
     for label, rate in rows:

@@ -26,7 +26,8 @@ def make_workdir(root: Path, per_split: dict[str, int]) -> Path:
     write_image_folder(root / "data", per_split)
     torch.manual_seed(0)
     ModelFile("resnet20", create_model("resnet20"), (0.5,) * 3, (0.25,) * 3, list(CIFAR10_CLASSES)).save(
-        root / "r20.pt")
+        root / "r20.pt"
+    )
     return root
 
 
@@ -34,9 +35,7 @@ CLASSES = {"train": {"dog": 2, "ant": 3, "cat": 2}, "test": {"cat": 1, "ant": 2,
 Expected = dict[str, tuple[torch.Tensor, torch.Tensor]]  # split -> (uint8 images [N, 3, H, W], labels [N])
 
 
-def make_tree(
-    root: Path, layout: dict[str, dict[str, int]] = CLASSES, size: tuple[int, int] = (8, 6)
-) -> Expected:
+def make_tree(root: Path, layout: dict[str, dict[str, int]] = CLASSES, size: tuple[int, int] = (8, 6)) -> Expected:
     """Write root/<split>/<class>/<k>.png (size: width, height) of random pixels; what loading must give."""
     rng = np.random.default_rng(0)
     expected = {}

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 
-def captured(model: nn.Module, modules: dict[str, str], side: str, batches: Iterable[tuple[Tensor, Tensor]]
-             ) -> dict[str, Tensor]:
+def captured(
+    model: nn.Module, modules: dict[str, str], side: str, batches: Iterable[tuple[Tensor, Tensor]]
+) -> dict[str, Tensor]:
     """Every call's input or output map (`side`) of each module, keyed as in `modules` (key: module name), over all
     batches, concatenated."""
     maps: dict[str, list[Tensor]] = {key: [] for key in modules}

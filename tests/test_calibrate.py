@@ -122,7 +122,8 @@ def test_running_out_of_memory_retries_with_smaller_batches_and_scores_the_same(
         scores, images = score_layers(model, layers, CHIP(), data)
     assert [str(w.message).split(" (")[0] for w in caught] == [
         "out of memory scoring 8 images at once on cpu: going on with 4",
-        "out of memory scoring 4 images at once on cpu: going on with 2"]
+        "out of memory scoring 4 images at once on cpu: going on with 2",
+    ]
     assert images == 24
     for layer in model.net.channel_layers():
         torch.testing.assert_close(scores[f"net.{layer.conv}"], expected[layer.conv], rtol=1e-9, atol=1e-12)

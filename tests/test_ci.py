@@ -30,11 +30,13 @@ def maps(kind: str, n: int, c: int, length: int, seed: int = 0) -> torch.Tensor:
         return (g - 1.5).relu()
     if kind == "lowrank":  # rank 3, plus its ReLU (full rank but far from well conditioned)
         low = torch.randn(n, c, 3, generator=gen, dtype=torch.float64) @ torch.randn(
-            n, 3, length, generator=gen, dtype=torch.float64)
+            n, 3, length, generator=gen, dtype=torch.float64
+        )
         return torch.cat([low, low.relu()])
     if kind == "correlated":  # a strong common map plus a small rank-2 part: CI ≈ σ_max/2C, low rank below
         low = torch.randn(n, c, 2, generator=gen, dtype=torch.float64) @ torch.randn(
-            n, 2, length, generator=gen, dtype=torch.float64)
+            n, 2, length, generator=gen, dtype=torch.float64
+        )
         return g[:, :1].abs() + 0.01 * low
     if kind == "duplicated":  # exact copies and a multiple: rank-deficient with tied CIs
         g = g.relu()

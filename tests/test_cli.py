@@ -19,14 +19,35 @@ def test_profile_json(capsys):
 
 def test_score_prune_eval(capsys, workdir):
     d = workdir
-    code, _, _ = run(capsys, "score", d / "r20.pt", "--data", d / "data", "--batches", "2", "--batch-size", "8",
-                     "--out", d / "s.json")
+    code, _, _ = run(
+        capsys,
+        "score",
+        d / "r20.pt",
+        "--data",
+        d / "data",
+        "--batches",
+        "2",
+        "--batch-size",
+        "8",
+        "--out",
+        d / "s.json",
+    )
     assert code == 0
     scores = json.loads((d / "s.json").read_text())
     assert scores["images"] == 16 and scores["criterion"] == "chip"
     assert len(scores["layers"]["layer1.0.conv1"]) == 16
-    code, out, _ = run(capsys, "prune", d / "r20.pt", "--scores", d / "s.json", "--sparsity",
-                       "[0.]+[0.25]*2+[0.5]*9", "--out", d / "p.pt", "--json")
+    code, out, _ = run(
+        capsys,
+        "prune",
+        d / "r20.pt",
+        "--scores",
+        d / "s.json",
+        "--sparsity",
+        "[0.]+[0.25]*2+[0.5]*9",
+        "--out",
+        d / "p.pt",
+        "--json",
+    )
     r = json.loads(out)
     assert code == 0 and r["criterion"] == "chip" and 0 < r["flops"] < r["base_flops"]
     pruned = load_model(d / "p.pt")
@@ -50,34 +71,84 @@ def test_prune_recalibrates_batchnorm_on_training_batches(capsys, workdir):
 
 
 def test_weight_criteria_prune_without_data(capsys, workdir):
-    code, _, _ = run(capsys, "prune", workdir / "r20.pt", "--criterion", "l1", "--sparsity", "[0.]+[0.5]*11",
-                     "--out", workdir / "l1.pt")
+    code, _, _ = run(
+        capsys,
+        "prune",
+        workdir / "r20.pt",
+        "--criterion",
+        "l1",
+        "--sparsity",
+        "[0.]+[0.5]*11",
+        "--out",
+        workdir / "l1.pt",
+    )
     assert code == 0 and load_model(workdir / "l1.pt").meta["pruned"]["criterion"] == "l1"
 
 
 def test_fewer_images_than_asked_warns_and_uses_them(capsys, workdir):
-    code, _, err = run(capsys, "score", workdir / "r20.pt", "--data", workdir / "data", "--out",
-                       workdir / "all.json")
+    code, _, err = run(capsys, "score", workdir / "r20.pt", "--data", workdir / "data", "--out", workdir / "all.json")
     assert code == 0 and "asked for 640 calibration images, the train split has 40" in err
     assert json.loads((workdir / "all.json").read_text())["images"] == 40
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["profile", "--arch", "resnet56", "--sparsity", "[0.1]*3"], "resnet56 takes 30 rates"),
-    (["profile", "--arch", "resnet56", "--sparsity", "[0.]+[1.2]*29"], "[0, 1)"),
-    (["profile", "nope.pt"], "no such file"),
-    (["prune", "{d}/r20.pt", "--sparsity", "[0.]*12", "--out", "{d}/x.pt"], "--data is needed"),
-    (["eval", "{d}/r20.pt", "--data", "{d}/missing"], "missing"),
-    (["prune", "{d}/r20.pt", "--criterion", "l1", "--sparsity", "[0.]*12", "--recalibrate-bn", "2", "--out",
-      "{d}/x.pt"], "--recalibrate-bn needs --data"),
-    (["prune", "{d}/r20.pt", "--scores", "{d}/data/train/cat/0.png", "--sparsity", "[0.]*12", "--out", "{d}/x.pt"],
-     "cannot read scores"),
-    (["prune", "{d}/r20.pt", "--criterion", "l1", "--sparsity", "[0.]*12", "--global", "--out", "{d}/x.pt"],
-     "--global and --round-to apply to --flops-target"),
-    (["prune", "{d}/r20.pt", "--criterion", "l1", "--flops-target", "0.5", "--residual", "paper", "--out",
-      "{d}/x.pt"], "--residual paper applies to --sparsity"),
-    (["prune", "{d}/r20.pt", "--criterion", "l1", "--flops-target", "1.5", "--out", "{d}/x.pt"], "(0, 1]"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["profile", "--arch", "resnet56", "--sparsity", "[0.1]*3"], "resnet56 takes 30 rates"),
+        (["profile", "--arch", "resnet56", "--sparsity", "[0.]+[1.2]*29"], "[0, 1)"),
+        (["profile", "nope.pt"], "no such file"),
+        (["prune", "{d}/r20.pt", "--sparsity", "[0.]*12", "--out", "{d}/x.pt"], "--data is needed"),
+        (["eval", "{d}/r20.pt", "--data", "{d}/missing"], "missing"),
+        (
+            [
+                "prune",
+                "{d}/r20.pt",
+                "--criterion",
+                "l1",
+                "--sparsity",
+                "[0.]*12",
+                "--recalibrate-bn",
+                "2",
+                "--out",
+                "{d}/x.pt",
+            ],
+            "--recalibrate-bn needs --data",
+        ),
+        (
+            [
+                "prune",
+                "{d}/r20.pt",
+                "--scores",
+                "{d}/data/train/cat/0.png",
+                "--sparsity",
+                "[0.]*12",
+                "--out",
+                "{d}/x.pt",
+            ],
+            "cannot read scores",
+        ),
+        (
+            ["prune", "{d}/r20.pt", "--criterion", "l1", "--sparsity", "[0.]*12", "--global", "--out", "{d}/x.pt"],
+            "--global and --round-to apply to --flops-target",
+        ),
+        (
+            [
+                "prune",
+                "{d}/r20.pt",
+                "--criterion",
+                "l1",
+                "--flops-target",
+                "0.5",
+                "--residual",
+                "paper",
+                "--out",
+                "{d}/x.pt",
+            ],
+            "--residual paper applies to --sparsity",
+        ),
+        (["prune", "{d}/r20.pt", "--criterion", "l1", "--flops-target", "1.5", "--out", "{d}/x.pt"], "(0, 1]"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_code_2(capsys, workdir, args, message):
     code, out, err = run(capsys, *[a.format(d=workdir) for a in args])
     assert code == 2
@@ -87,8 +158,7 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys, workdir, args, message):
 def test_a_failed_command_leaves_the_existing_output_alone(capsys, workdir):
     target = workdir / "keep.pt"
     target.write_bytes(b"precious")
-    code, _, _ = run(capsys, "prune", workdir / "r20.pt", "--sparsity", "[0.]*3", "--criterion", "l1",
-                     "--out", target)
+    code, _, _ = run(capsys, "prune", workdir / "r20.pt", "--sparsity", "[0.]*3", "--criterion", "l1", "--out", target)
     assert code == 2 and target.read_bytes() == b"precious"
 
 
@@ -100,11 +170,15 @@ def test_help_shows_defaults(capsys):
 
 
 def test_import_then_eval_matches_the_weights(capsys, workdir):
-    state = {f"module.{k}".replace("module.fc.", "module.linear."): v
-             for k, v in create_model("resnet20").state_dict().items() if not k.endswith((".src", ".dst"))}
+    state = {
+        f"module.{k}".replace("module.fc.", "module.linear."): v
+        for k, v in create_model("resnet20").state_dict().items()
+        if not k.endswith((".src", ".dst"))
+    }
     torch.save({"state_dict": state}, workdir / "third.th")
-    code, _, _ = run(capsys, "import", "--arch", "resnet20", "--weights", workdir / "third.th",
-                     "--out", workdir / "imp.pt")
+    code, _, _ = run(
+        capsys, "import", "--arch", "resnet20", "--weights", workdir / "third.th", "--out", workdir / "imp.pt"
+    )
     assert code == 0
     mf = load_model(workdir / "imp.pt")
     assert torch.equal(mf.model.fc.weight, state["module.linear.weight"])
@@ -113,8 +187,9 @@ def test_import_then_eval_matches_the_weights(capsys, workdir):
 
 def test_prune_to_a_flops_target_saves_a_model_that_loads_as_pruned(capsys, workdir):
     d = workdir
-    code, out, _ = run(capsys, "prune", d / "r20.pt", "--criterion", "l1", "--flops-target", "0.6", "--out",
-                       d / "f.pt", "--json")
+    code, out, _ = run(
+        capsys, "prune", d / "r20.pt", "--criterion", "l1", "--flops-target", "0.6", "--out", d / "f.pt", "--json"
+    )
     r = json.loads(out)
     assert code == 0 and (r["flops_target"], r["scope"], r["round_to"]) == (0.6, "local", None)
     assert abs(r["flops"] / r["base_flops"] - 0.6) <= 0.012
@@ -122,16 +197,34 @@ def test_prune_to_a_flops_target_saves_a_model_that_loads_as_pruned(capsys, work
     assert loaded.meta["pruned"]["flops_target"] == 0.6 and loaded.model.widths["layer2.0.conv1"] < 32
     # The same pruning through the API: the file holds exactly that model, shortcut maps included.
     parent = load_model(d / "r20.pt").model
-    direct = prune_model(parent, torch.zeros(1, 3, 32, 32), [], flops_target=0.6, criterion="l1",
-                         ignored_layers=[parent.fc])
+    direct = prune_model(
+        parent, torch.zeros(1, 3, 32, 32), [], flops_target=0.6, criterion="l1", ignored_layers=[parent.fc]
+    )
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.model.eval()(x), direct.eval()(x))
 
 
 def test_prune_global_round_to_with_calibration(capsys, workdir):
     d = workdir
-    code, out, _ = run(capsys, "prune", d / "r20.pt", "--data", d / "data", "--batches", "1", "--batch-size", "8",
-                       "--flops-target", "0.5", "--global", "--round-to", "4", "--out", d / "g.pt", "--json")
+    code, out, _ = run(
+        capsys,
+        "prune",
+        d / "r20.pt",
+        "--data",
+        d / "data",
+        "--batches",
+        "1",
+        "--batch-size",
+        "8",
+        "--flops-target",
+        "0.5",
+        "--global",
+        "--round-to",
+        "4",
+        "--out",
+        d / "g.pt",
+        "--json",
+    )
     r = json.loads(out)
     assert code == 0 and (r["scope"], r["round_to"], r["images"]) == ("global", 4, 8)
     widths = load_model(d / "g.pt").model.widths
@@ -145,6 +238,7 @@ def test_a_warning_is_one_plain_line_on_stderr(capsys, monkeypatch):
     import warnings
 
     from chipprune import cli
+
     monkeypatch.setattr(cli, "cmd_profile", lambda args: warnings.warn("careful", stacklevel=1))
     code, out, err = run(capsys, "profile", "--arch", "resnet20")
     assert code == 0 and out == "" and err == "chip profile: warning: careful\n"

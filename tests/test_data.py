@@ -22,6 +22,8 @@ from images import CLASSES, make_tree
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
 def make_tar(dest: Path, root: Path, names: list[str], top: str = "") -> Path:
     """Archive root/<name> for each name as <top>/<name> (mode from the suffix of dest)."""
     with tarfile.open(dest, "w:gz" if dest.name.endswith("gz") else "w") as tar:

@@ -59,16 +59,33 @@ def test_cli_export_and_latency(tmp_path, pruned_file, capsys):
     from chipprune.cli import main
 
     pruned_file.save(tmp_path / "p.pt")
-    assert main(["export", str(tmp_path / "p.pt"), "--format", "onnx", "--dynamic-batch",
-                 "--out", str(tmp_path / "p.onnx")]) == 0
+    assert (
+        main(
+            ["export", str(tmp_path / "p.pt"), "--format", "onnx", "--dynamic-batch", "--out", str(tmp_path / "p.onnx")]
+        )
+        == 0
+    )
     assert "max relative error" in capsys.readouterr().err
     assert run_exported(tmp_path / "p.onnx", "onnx", torch.rand(3, 3, 32, 32)).shape == (3, 10)
-    assert main(["export", str(tmp_path / "p.pt"), "--format", "torchscript", "--dynamic-batch",
-                 "--out", str(tmp_path / "p.ts")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "p.pt"),
+                "--format",
+                "torchscript",
+                "--dynamic-batch",
+                "--out",
+                str(tmp_path / "p.ts"),
+            ]
+        )
+        == 2
+    )
     assert "--dynamic-batch applies to --format onnx" in capsys.readouterr().err
     assert not (tmp_path / "p.ts").exists()
-    assert main(["profile", str(tmp_path / "p.pt"), "--latency", "--batch-sizes", "1,3", "--repeats", "2",
-                 "--json"]) == 0
+    assert (
+        main(["profile", str(tmp_path / "p.pt"), "--latency", "--batch-sizes", "1,3", "--repeats", "2", "--json"]) == 0
+    )
     r = json.loads(capsys.readouterr().out)
     assert set(r["latency_ms"]) == {"1", "3"} and r["latency_ms"]["3"]["median_ms"] > 0
     assert r["params"] < r["base_params"]

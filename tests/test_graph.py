@@ -20,8 +20,9 @@ SIZE = 16
 
 
 def cbr(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: type[nn.Module] = nn.ReLU):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
-                         act())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), act()
+    )
 
 
 class Plain(nn.Module):
@@ -42,8 +43,11 @@ class Basic(nn.Module):
         self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
         self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
         self.relu = nn.ReLU()
-        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                     if stride > 1 or cin != cout else None)
+        self.down = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride > 1 or cin != cout
+            else None
+        )
 
     def forward(self, x):
         out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
@@ -150,28 +154,54 @@ def resnet20():
     return create_model("resnet20", None, 5)
 
 
-MODELS = {"plain": Plain, "projection": ProjectionResNet, "zero-pad": resnet20, "bottleneck": BottleneckNet,
-          "mobilenet": MobileNet, "densenet": DenseNet, "resnext": ResNeXt}
+MODELS = {
+    "plain": Plain,
+    "projection": ProjectionResNet,
+    "zero-pad": resnet20,
+    "bottleneck": BottleneckNet,
+    "mobilenet": MobileNet,
+    "densenet": DenseNet,
+    "resnext": ResNeXt,
+}
 
 # Per model, the groups checked channel by channel: (the BatchNorms whose channels are the group's, the convs making
 # them, the layers reading them with the offset of the group's channels in their input, one per distinct map).
 GROUPS = {
     "plain": [(["a.1"], ["a.0"], [("b.0", 0)]), (["b.1"], ["b.0"], [("c.0", 0)])],
-    "projection": [(["stem.1", "blocks.0.bn2"], ["stem.0", "blocks.0.conv2"],
-                    [("blocks.0.conv1", 0), ("blocks.1.conv1", 0)]),
-                   (["blocks.1.bn1"], ["blocks.1.conv1"], [("blocks.1.conv2", 0)]),
-                   (["blocks.1.bn2", "blocks.1.down.1", "blocks.2.bn2"],
-                    ["blocks.1.conv2", "blocks.1.down.0", "blocks.2.conv2"], [("blocks.2.conv1", 0)])],
-    "zero-pad": [(["layer1.0.bn1"], ["layer1.0.conv1"], [("layer1.0.conv2", 0)]),
-                 # identity shortcuts couple a stage's block outputs; the stride-2 one starts a new group
-                 ([f"layer2.{b}.bn2" for b in range(3)], [f"layer2.{b}.conv2" for b in range(3)],
-                  [("layer2.1.conv1", 0), ("layer2.2.conv1", 0), ("layer3.0.conv1", 0)])],
-    "bottleneck": [(["block.bn1"], ["block.conv1"], [("block.conv2", 0)]),
-                   (["block.bn2"], ["block.conv2"], [("block.conv3", 0)])],
-    "mobilenet": [(["blocks.0.expand.1", "blocks.0.dw.1"], ["blocks.0.expand.0", "blocks.0.dw.0"],
-                   [("blocks.0.dw.0", 0), ("blocks.0.project.0", 0)])],
-    "densenet": [(["stem.1"], ["stem.0"], [("l1.0", 0), ("l2.0", 0), ("trans.0", 0)]),
-                 (["l1.1"], ["l1.0"], [("l2.0", 8), ("trans.0", 8)]), (["l2.1"], ["l2.0"], [("trans.0", 14)])],
+    "projection": [
+        (["stem.1", "blocks.0.bn2"], ["stem.0", "blocks.0.conv2"], [("blocks.0.conv1", 0), ("blocks.1.conv1", 0)]),
+        (["blocks.1.bn1"], ["blocks.1.conv1"], [("blocks.1.conv2", 0)]),
+        (
+            ["blocks.1.bn2", "blocks.1.down.1", "blocks.2.bn2"],
+            ["blocks.1.conv2", "blocks.1.down.0", "blocks.2.conv2"],
+            [("blocks.2.conv1", 0)],
+        ),
+    ],
+    "zero-pad": [
+        (["layer1.0.bn1"], ["layer1.0.conv1"], [("layer1.0.conv2", 0)]),
+        # identity shortcuts couple a stage's block outputs; the stride-2 one starts a new group
+        (
+            [f"layer2.{b}.bn2" for b in range(3)],
+            [f"layer2.{b}.conv2" for b in range(3)],
+            [("layer2.1.conv1", 0), ("layer2.2.conv1", 0), ("layer3.0.conv1", 0)],
+        ),
+    ],
+    "bottleneck": [
+        (["block.bn1"], ["block.conv1"], [("block.conv2", 0)]),
+        (["block.bn2"], ["block.conv2"], [("block.conv3", 0)]),
+    ],
+    "mobilenet": [
+        (
+            ["blocks.0.expand.1", "blocks.0.dw.1"],
+            ["blocks.0.expand.0", "blocks.0.dw.0"],
+            [("blocks.0.dw.0", 0), ("blocks.0.project.0", 0)],
+        )
+    ],
+    "densenet": [
+        (["stem.1"], ["stem.0"], [("l1.0", 0), ("l2.0", 0), ("trans.0", 0)]),
+        (["l1.1"], ["l1.0"], [("l2.0", 8), ("trans.0", 8)]),
+        (["l2.1"], ["l2.0"], [("trans.0", 14)]),
+    ],
     "resnext": [(["a.1"], ["a.0"], [("b.0", 0)])],
 }
 
@@ -217,8 +247,11 @@ def masked(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
     prev = "bn1"  # the CIFAR ResNets: a shortcut routes the previous block's channels to its own block's
     for name, block in (out.blocks() if isinstance(out, ResNetCifar) else {}).items():
         sc: ChannelShortcut = block.shortcut
-        pairs = [(s, d) for s, d in zip(sc.src.tolist(), sc.dst.tolist(), strict=True)
-                 if s in keep[prev].tolist() and d in keep[f"{name}.bn2"].tolist()]
+        pairs = [
+            (s, d)
+            for s, d in zip(sc.src.tolist(), sc.dst.tolist(), strict=True)
+            if s in keep[prev].tolist() and d in keep[f"{name}.bn2"].tolist()
+        ]
         sc.set_map(torch.tensor([s for s, _ in pairs], dtype=torch.long), torch.tensor([d for _, d in pairs]))
         prev = f"{name}.bn2"
     return out
@@ -231,7 +264,7 @@ def expected(model: nn.Module, readers: list[tuple[str, int]], channels: int, ba
     for name, offset in readers:
         fmap = maps[name] if maps[name].dim() == 4 else maps[name][:, :, None, None]
         ci = reference_ci(fmap).mean(0)
-        parts.append(ci[offset:offset + channels] / ci.mean())
+        parts.append(ci[offset : offset + channels] / ci.mean())
     return torch.stack(parts).mean(0)
 
 
@@ -372,12 +405,16 @@ def test_fallbacks_warn_and_name_the_groups():
 def test_bad_requests():
     model, batches = make("plain"), data(1)
     x = batches[0][0][:1]
-    for kwargs, message in [({}, "exactly one"), ({"pruning_ratio": 0.5, "flops_target": 0.5}, "exactly one"),
-                            ({"pruning_ratio": 1.0}, r"\[0, 1\)"), ({"flops_target": 0.0}, r"\(0, 1\]"),
-                            ({"pruning_ratio": 0.5, "scope": "wide"}, "scope"),
-                            ({"pruning_ratio": 0.5, "criterion": "taylor"}, "unknown criterion"),
-                            ({"pruning_ratio": {"nope": 0.5}}, "nope"),
-                            ({"pruning_ratio": 0.5, "ignored_layers": ["nope"]}, "nope")]:
+    for kwargs, message in [
+        ({}, "exactly one"),
+        ({"pruning_ratio": 0.5, "flops_target": 0.5}, "exactly one"),
+        ({"pruning_ratio": 1.0}, r"\[0, 1\)"),
+        ({"flops_target": 0.0}, r"\(0, 1\]"),
+        ({"pruning_ratio": 0.5, "scope": "wide"}, "scope"),
+        ({"pruning_ratio": 0.5, "criterion": "taylor"}, "unknown criterion"),
+        ({"pruning_ratio": {"nope": 0.5}}, "nope"),
+        ({"pruning_ratio": 0.5, "ignored_layers": ["nope"]}, "nope"),
+    ]:
         with pytest.raises(ValueError, match=message):
             prune_model(model, x, batches, **kwargs)
     with pytest.raises(CalibrationError, match="no calibration images"):

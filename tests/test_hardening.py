@@ -104,8 +104,9 @@ def evil_cifar(root, marker, how):
     """A cifar-10-batches-py folder (or cifar-10-python.tar.gz) with valid metadata and booby-trapped batches."""
     folder = root / "cifar" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in CIFAR10_CLASSES]},
-                                                       protocol=2))
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({b"label_names": [c.encode() for c in CIFAR10_CLASSES]}, protocol=2)
+    )
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (folder / name).write_bytes(pickle.dumps({b"data": touching(marker), b"labels": [0]}, protocol=2))
     if how == "folder":
@@ -128,14 +129,18 @@ def naive_load(path):
     return pickle.loads(path.read_bytes())
 
 
-@pytest.mark.parametrize("make", [
-    lambda tmp, m: evil_model(tmp / "m.pt", m, "torch.save"),
-    lambda tmp, m: evil_model(tmp / "m.pt", m, "pickle"),
-    lambda tmp, m: evil_weights(tmp / "w.th", m, "torch.save"),
-    lambda tmp, m: evil_weights(tmp / "w.th", m, "pickle"),
-    lambda tmp, m: evil_cifar(tmp, m, "folder"),
-    lambda tmp, m: evil_cifar(tmp, m, "tarball"),
-], ids=["model-torch.save", "model-pickle", "weights-torch.save", "weights-pickle", "cifar-folder", "cifar-tarball"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda tmp, m: evil_model(tmp / "m.pt", m, "torch.save"),
+        lambda tmp, m: evil_model(tmp / "m.pt", m, "pickle"),
+        lambda tmp, m: evil_weights(tmp / "w.th", m, "torch.save"),
+        lambda tmp, m: evil_weights(tmp / "w.th", m, "pickle"),
+        lambda tmp, m: evil_cifar(tmp, m, "folder"),
+        lambda tmp, m: evil_cifar(tmp, m, "tarball"),
+    ],
+    ids=["model-torch.save", "model-pickle", "weights-torch.save", "weights-pickle", "cifar-folder", "cifar-tarball"],
+)
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch's notes on the pickle protocol
 def test_the_attack_files_are_live(tmp_path, make):
     """Loaded carelessly, each crafted file does run its code: the refusals below are not vacuous."""
@@ -151,20 +156,71 @@ MODEL_COMMANDS = {
     "score": ["score", "{m}", "--data", "{d}", "--batches", "1", "--batch-size", "4", "--out", "{o}/s.json"],
     "prune": ["prune", "{m}", "--criterion", "l1", "--sparsity", "[0.]*12", "--out", "{o}/p.pt"],
     "eval": ["eval", "{m}", "--data", "{d}"],
-    "finetune": ["finetune", "{m}", "--data", "{d}", "--out-dir", "{o}/run", "--epochs", "1", "--batch-size", "8",
-                 "--workers", "0"],
+    "finetune": [
+        "finetune",
+        "{m}",
+        "--data",
+        "{d}",
+        "--out-dir",
+        "{o}/run",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+    ],
 }
 IMPORT = ["import", "--arch", "resnet20", "--weights", "{m}", "--out", "{o}/i.pt"]
 DATA_COMMANDS = {
     "score": ["score", "{m}", "--data", "{d}", "--batches", "1", "--batch-size", "4", "--out", "{o}/s.json"],
-    "prune": ["prune", "{m}", "--data", "{d}", "--batches", "1", "--batch-size", "4", "--sparsity", "[0.]*12",
-              "--out", "{o}/p.pt"],
-    "prune-recalibrate": ["prune", "{m}", "--criterion", "l1", "--data", "{d}", "--recalibrate-bn", "1",
-                          "--batch-size", "4", "--sparsity", "[0.]*12", "--out", "{o}/p.pt"],
+    "prune": [
+        "prune",
+        "{m}",
+        "--data",
+        "{d}",
+        "--batches",
+        "1",
+        "--batch-size",
+        "4",
+        "--sparsity",
+        "[0.]*12",
+        "--out",
+        "{o}/p.pt",
+    ],
+    "prune-recalibrate": [
+        "prune",
+        "{m}",
+        "--criterion",
+        "l1",
+        "--data",
+        "{d}",
+        "--recalibrate-bn",
+        "1",
+        "--batch-size",
+        "4",
+        "--sparsity",
+        "[0.]*12",
+        "--out",
+        "{o}/p.pt",
+    ],
     "eval": ["eval", "{m}", "--data", "{d}"],
     "finetune": MODEL_COMMANDS["finetune"],
-    "train": ["train", "--arch", "resnet20", "--data", "{d}", "--out-dir", "{o}/run", "--epochs", "1",
-              "--batch-size", "8", "--workers", "0"],
+    "train": [
+        "train",
+        "--arch",
+        "resnet20",
+        "--data",
+        "{d}",
+        "--out-dir",
+        "{o}/run",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+    ],
 }
 
 
@@ -213,8 +269,9 @@ def test_a_scores_file_runs_no_code(capsys, workdir, tmp_path, out):
     marker = tmp_path / "pwned"
     scores = tmp_path / "s.json"
     scores.write_bytes(pickle.dumps({"format": "chipprune-scores/1", "layers": touching(marker)}))
-    result = run(capsys, "prune", workdir / "r20.pt", "--scores", scores, "--sparsity", "[0.]*12",
-                 "--out", out / "p.pt")
+    result = run(
+        capsys, "prune", workdir / "r20.pt", "--scores", scores, "--sparsity", "[0.]*12", "--out", out / "p.pt"
+    )
     assert_refused(result, scores, "cannot read scores JSON")
     assert not marker.exists() and not any(out.iterdir())
 
@@ -245,15 +302,27 @@ def damaged(path, kind, good):
     return path
 
 
-FILE_DAMAGE = {"missing": "no such file", "empty": "empty file (0 bytes)", "truncated": "corrupt or truncated",
-               "corrupt": "corrupt or truncated"}
-FIELD_DAMAGE = {"unknown-arch": "damaged model file: unknown architecture 'resnet99'",
-                "no-classes": "damaged model file: no 'classes'", "bad-widths": "damaged model file: invalid 'widths'",
-                "bad-state": "damaged model file: invalid 'state_dict'"}
+FILE_DAMAGE = {
+    "missing": "no such file",
+    "empty": "empty file (0 bytes)",
+    "truncated": "corrupt or truncated",
+    "corrupt": "corrupt or truncated",
+}
+FIELD_DAMAGE = {
+    "unknown-arch": "damaged model file: unknown architecture 'resnet99'",
+    "no-classes": "damaged model file: no 'classes'",
+    "bad-widths": "damaged model file: invalid 'widths'",
+    "bad-state": "damaged model file: invalid 'state_dict'",
+}
 
 
-@pytest.mark.parametrize(("command", "kind"), [  # import reads any state_dict, not a model file's fields
-    *((c, k) for c in MODEL_COMMANDS for k in (*FILE_DAMAGE, *FIELD_DAMAGE)), *(("import", k) for k in FILE_DAMAGE)])
+@pytest.mark.parametrize(
+    ("command", "kind"),
+    [  # import reads any state_dict, not a model file's fields
+        *((c, k) for c in MODEL_COMMANDS for k in (*FILE_DAMAGE, *FIELD_DAMAGE)),
+        *(("import", k) for k in FILE_DAMAGE),
+    ],
+)
 def test_damaged_model_files_are_one_line_errors(capsys, workdir, tmp_path, out, command, kind):
     path = damaged(tmp_path / "bad.pt", kind, workdir / "r20.pt")
     args = IMPORT if command == "import" else MODEL_COMMANDS[command]
@@ -268,13 +337,20 @@ def test_weights_of_other_names_and_shapes_are_listed(capsys, workdir, tmp_path,
     del state["layer2.0.conv1.weight"]
     state["head.weight"] = torch.ones(1)
     torch.save(state, tmp_path / "w.th")
-    assert_refused(run(capsys, *fill(IMPORT, m=tmp_path / "w.th", o=out)), "weights do not fit the architecture",
-                   "missing layer2.0.conv1.weight", "unexpected head.weight", "layer1.0.bn1.weight: shape (3,)")
+    assert_refused(
+        run(capsys, *fill(IMPORT, m=tmp_path / "w.th", o=out)),
+        "weights do not fit the architecture",
+        "missing layer2.0.conv1.weight",
+        "unexpected head.weight",
+        "layer1.0.bn1.weight: shape (3,)",
+    )
     d = torch.load(workdir / "r20.pt", weights_only=True)  # a model file whose weights were edited
     d["state_dict"]["layer3.2.conv2.weight"] = torch.zeros(64, 64, 1, 1)
     torch.save(d, tmp_path / "m.pt")
-    assert_refused(run(capsys, "profile", tmp_path / "m.pt"),
-                   "layer3.2.conv2.weight: shape (64, 64, 1, 1) where the model has (64, 64, 3, 3)")
+    assert_refused(
+        run(capsys, "profile", tmp_path / "m.pt"),
+        "layer3.2.conv2.weight: shape (64, 64, 1, 1) where the model has (64, 64, 3, 3)",
+    )
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -365,8 +441,22 @@ def test_inconsistent_classes_between_the_splits(capsys, workdir, tmp_path, out)
             tar.add(data / split, arcname=split)
     shutil.copytree(data / "test", val / "test")
     for source in ([many], [workdir / "data", "--val-data", val]):
-        result = run(capsys, "train", "--arch", "resnet20", "--data", *source, "--out-dir", out / "run",
-                     "--epochs", "1", "--batch-size", "8", "--workers", "0")
+        result = run(
+            capsys,
+            "train",
+            "--arch",
+            "resnet20",
+            "--data",
+            *source,
+            "--out-dir",
+            out / "run",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+        )
         assert_refused(result, "the evaluation split's classes differ")
     assert not any(out.iterdir())
 
@@ -374,16 +464,21 @@ def test_inconsistent_classes_between_the_splits(capsys, workdir, tmp_path, out)
 # ---- bad options -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["profile", "--arch", "resnet20", "--sparsity", "[0.]+[0.99]*11"], "sparsity leaves no channels in"),
-    (["prune", "{m}", "--criterion", "l1", "--sparsity", "[0.]+[0.95]*11", "--out", "{o}/p.pt"],
-     "sparsity leaves no channels in"),
-    (["prune", "{m}", "--criterion", "l1", "--sparsity", "[0.]*11+[-0.1]", "--out", "{o}/p.pt"], "not a rate"),
-    (["profile", "--arch", "resnet20", "--sparsity", "[0.1]*x"], "cannot read '[0.1]*x'"),
-    (["profile", "--arch", "resnet20", "--sparsity", "__import__('os')"], "not a rate"),
-    (["profile", "--arch", "resnet20", "--sparsity", " "], "empty sparsity"),
-    (["profile", "--arch", "vgg16_bn", "--sparsity", "[0.5]*13"], "vgg16_bn takes 12 rates"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["profile", "--arch", "resnet20", "--sparsity", "[0.]+[0.99]*11"], "sparsity leaves no channels in"),
+        (
+            ["prune", "{m}", "--criterion", "l1", "--sparsity", "[0.]+[0.95]*11", "--out", "{o}/p.pt"],
+            "sparsity leaves no channels in",
+        ),
+        (["prune", "{m}", "--criterion", "l1", "--sparsity", "[0.]*11+[-0.1]", "--out", "{o}/p.pt"], "not a rate"),
+        (["profile", "--arch", "resnet20", "--sparsity", "[0.1]*x"], "cannot read '[0.1]*x'"),
+        (["profile", "--arch", "resnet20", "--sparsity", "__import__('os')"], "not a rate"),
+        (["profile", "--arch", "resnet20", "--sparsity", " "], "empty sparsity"),
+        (["profile", "--arch", "vgg16_bn", "--sparsity", "[0.5]*13"], "vgg16_bn takes 12 rates"),
+    ],
+)
 def test_bad_sparsity_is_a_one_line_error(capsys, workdir, out, args, message):
     assert_refused(run(capsys, *fill(args, m=workdir / "r20.pt", o=out)), message)
     assert not any(out.iterdir())
@@ -393,9 +488,14 @@ def test_a_huge_repeat_count_is_a_one_line_error(capsys):
     assert_refused(run(capsys, "profile", "--arch", "resnet20", "--sparsity", "[0.1]*" + "9" * 30), "rates")
 
 
-@pytest.mark.parametrize("args", [["profile", "--arch", "resnet99"],
-                                  ["import", "--arch", "resnet99", "--weights", "w.th", "--out", "x.pt"],
-                                  ["train", "--arch", "resnet99", "--data", "d", "--out-dir", "r"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["profile", "--arch", "resnet99"],
+        ["import", "--arch", "resnet99", "--weights", "w.th", "--out", "x.pt"],
+        ["train", "--arch", "resnet99", "--data", "d", "--out-dir", "r"],
+    ],
+)
 def test_an_unknown_architecture_lists_the_known_ones(capsys, args):
     code, out, err = run(capsys, *args)
     assert code == 2 and out == "" and "Traceback" not in err
@@ -453,39 +553,71 @@ def test_every_help_shows_each_default(capsys, monkeypatch, command):
 
 def test_json_alone_on_stdout_progress_and_warnings_on_stderr(workdir, tmp_path):
     env = dict(os.environ)  # one thread and this test's cache, from the one_thread fixture
-    cmd = [sys.executable, "-m", "chipprune.cli", "prune", str(workdir / "r20.pt"), "--data", str(workdir / "data"),
-           "--batches", "20", "--batch-size", "4", "--sparsity", "[0.]+[0.5]*11", "--out", str(tmp_path / "p.pt"),
-           "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "chipprune.cli",
+        "prune",
+        str(workdir / "r20.pt"),
+        "--data",
+        str(workdir / "data"),
+        "--batches",
+        "20",
+        "--batch-size",
+        "4",
+        "--sparsity",
+        "[0.]+[0.5]*11",
+        "--out",
+        str(tmp_path / "p.pt"),
+        "--json",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)  # the whole of stdout is one JSON document
     assert result["images"] == 40 and result["out"] == str(tmp_path / "p.pt")
     assert "warning: asked for 80 calibration images, the train split has 40" in done.stderr
     assert "scoring (chip)" in done.stderr and "decoding" in done.stderr
-    bad = subprocess.run(cmd[:-1] + ["--sparsity", "[0.]*3", "--json"], capture_output=True, text=True, env=env,
-                         timeout=120)
+    bad = subprocess.run(
+        cmd[:-1] + ["--sparsity", "[0.]*3", "--json"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1
 
 
 # ---- every write is atomic; a killed checkpoint write loses nothing ----------------------------------------
 
 
-WRITERS = [r"\.write_(text|bytes)\(", r"\bopen\([^)]*['\"][wax]", r"torch\.save\(", r"json\.dump\(", r"np\.save",
-           r"\.savefig\(", r"torch\.jit\.save\(", r"torch\.onnx\.export\("]
+WRITERS = [
+    r"\.write_(text|bytes)\(",
+    r"\bopen\([^)]*['\"][wax]",
+    r"torch\.save\(",
+    r"json\.dump\(",
+    r"np\.save",
+    r"\.savefig\(",
+    r"torch\.jit\.save\(",
+    r"torch\.onnx\.export\(",
+]
 # Writes that are not files of their own: torch.save and savefig into memory buffers; export's staging files in a
 # temporary folder, copied with atomic_write once checked.
-ALLOWED = {("fileio.py", r"torch\.save\("): "torch.save(obj, buffer)", ("train.py", r"\.savefig\("): "savefig(buffer",
-           ("export.py", r"torch\.jit\.save\("): "str(staged)", ("export.py", r"torch\.onnx\.export\("): "str(path)"}
+ALLOWED = {
+    ("fileio.py", r"torch\.save\("): "torch.save(obj, buffer)",
+    ("train.py", r"\.savefig\("): "savefig(buffer",
+    ("export.py", r"torch\.jit\.save\("): "str(staged)",
+    ("export.py", r"torch\.onnx\.export\("): "str(path)",
+}
 
 
 def test_every_file_is_written_through_atomic_write():
     found = []
     for path in sorted(SRC.rglob("*.py")):
-        for i, line in enumerate(path.read_text().splitlines(), 1):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines, 1):
             for pattern in WRITERS:
                 if re.search(pattern, line):
                     allowed = ALLOWED.get((path.name, pattern))
-                    if allowed is None or allowed not in line:
+                    call = " ".join(
+                        lines[i - 1 : i + 3]
+                    )  # the call's first arguments, on its following lines once formatted
+                    if allowed is None or allowed not in call:
                         found.append(f"{path.name}:{i}: {line.strip()}")
     assert not found, "write through fileio.atomic_write:\n" + "\n".join(found)
     assert "atomic_write(path, staged.read_bytes())" in (SRC / "export.py").read_text()
@@ -546,13 +678,26 @@ sys.exit(main(sys.argv[2:]))
 
 
 def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one_resumable(capsys, workdir, tmp_path):
-    args = ["finetune", str(workdir / "r20.pt"), "--data", str(workdir / "data"), "--epochs", "2", "--batch-size",
-            "8", "--lr", "0.05", "--workers", "0"]
+    args = [
+        "finetune",
+        str(workdir / "r20.pt"),
+        "--data",
+        str(workdir / "data"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.05",
+        "--workers",
+        "0",
+    ]
     run_dir, ready, log = tmp_path / "run", tmp_path / "ready", tmp_path / "log.txt"
     env = dict(os.environ)  # one thread, from the one_thread fixture
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(ready), *args, "--out-dir", str(run_dir)],
-                                stdout=f, stderr=f, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(ready), *args, "--out-dir", str(run_dir)], stdout=f, stderr=f, env=env
+        )
     try:
         deadline = time.monotonic() + 90
         while not ready.exists():
@@ -585,10 +730,21 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one_resumable(capsy
 # ---- training runs -----------------------------------------------------------------------------------------
 
 
-
 def test_a_checkpoint_with_damaged_training_state_is_a_one_line_error(workdir, tmp_path, capsys):
-    args = ["finetune", workdir / "r20.pt", "--data", workdir / "data", "--out-dir", tmp_path / "run", "--epochs", "1",
-            "--batch-size", "32", "--workers", "0"]
+    args = [
+        "finetune",
+        workdir / "r20.pt",
+        "--data",
+        workdir / "data",
+        "--out-dir",
+        tmp_path / "run",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--workers",
+        "0",
+    ]
     assert run(capsys, *args)[0] == 0
     d = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     del d["training"]["optimizer"]
@@ -613,9 +769,14 @@ def test_near_valid_strings_raise_nothing_but_our_error(text):
             call(text)
 
 
-@given(st.sampled_from(sorted(ARCHS)).flatmap(
-    lambda a: st.tuples(st.just(a), st.lists(st.floats(0, 1, exclude_max=True), min_size=ARCHS[a].num_rates,
-                                             max_size=ARCHS[a].num_rates))))
+@given(
+    st.sampled_from(sorted(ARCHS)).flatmap(
+        lambda a: st.tuples(
+            st.just(a),
+            st.lists(st.floats(0, 1, exclude_max=True), min_size=ARCHS[a].num_rates, max_size=ARCHS[a].num_rates),
+        )
+    )
+)
 def test_valid_configurations_round_trip_in_both_forms(arch_rates):
     arch, rates = arch_rates
     assert resolve(arch, format_rates(rates)) == rates
@@ -631,20 +792,23 @@ def test_valid_configurations_round_trip_in_both_forms(arch_rates):
 # ---- model files, read directly ----------------------------------------------------------------------------
 
 
-
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda d: d.update(arch="resnet99"), "unknown architecture 'resnet99'"),
-    (lambda d: d.pop("state_dict"), "no 'state_dict'"),
-    (lambda d: d.update(num_classes=0), "invalid 'num_classes'"),
-    (lambda d: d.update(classes=["a", "b"]), "invalid 'classes'"),
-    (lambda d: d.update(std=[1.0, 0.0, 1.0]), "invalid 'std'"),
-    (lambda d: d.update(widths={"conv1": -3}), "invalid 'widths'"),
-    (lambda d: d.update(widths={"nonsense": 3}), "widths do not fit resnet20"),
-    (lambda d: d.update(training=[1]), "invalid 'training'"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(arch="resnet99"), "unknown architecture 'resnet99'"),
+        (lambda d: d.pop("state_dict"), "no 'state_dict'"),
+        (lambda d: d.update(num_classes=0), "invalid 'num_classes'"),
+        (lambda d: d.update(classes=["a", "b"]), "invalid 'classes'"),
+        (lambda d: d.update(std=[1.0, 0.0, 1.0]), "invalid 'std'"),
+        (lambda d: d.update(widths={"conv1": -3}), "invalid 'widths'"),
+        (lambda d: d.update(widths={"nonsense": 3}), "widths do not fit resnet20"),
+        (lambda d: d.update(training=[1]), "invalid 'training'"),
+    ],
+)
 def test_a_damaged_model_dict_names_the_field(tmp_path, change, message):
     ModelFile("resnet20", create_model("resnet20"), (0.5,) * 3, (0.5,) * 3, [str(i) for i in range(10)]).save(
-        tmp_path / "m.pt")
+        tmp_path / "m.pt"
+    )
     d = torch.load(tmp_path / "m.pt", weights_only=True)
     change(d)
     torch.save(d, tmp_path / "m.pt")
@@ -672,7 +836,6 @@ def test_import_reports_tensors_of_the_wrong_rank_as_shape_mismatches(tmp_path):
 # ---- data sources and the decoded-image cache, read directly -----------------------------------------------
 
 
-
 def test_small_images_of_mixed_sizes_are_an_error_naming_two(tmp_path: Path, cache: Path) -> None:
     make_tree(tmp_path / "root", {"train": {"a": 2, "b": 2}}, size=(8, 6))
     Image.new("RGB", (7, 6)).save(tmp_path / "root/train/b/01.png")
@@ -689,8 +852,10 @@ def test_small_then_large_images_are_read_lazily(tmp_path: Path, cache: Path) ->
     assert data.images is None and data.paths is not None and len(data.paths) == 3
 
 
-@pytest.mark.parametrize(("name", "message"), [("d.tar.gz", "empty archive .*d.tar.gz"),
-                                               ("root/train/a/00.png", "empty image file .*a/00.png")])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("d.tar.gz", "empty archive .*d.tar.gz"), ("root/train/a/00.png", "empty image file .*a/00.png")],
+)
 def test_empty_files_are_named(tmp_path: Path, cache: Path, name: str, message: str) -> None:
     make_tree(tmp_path / "root", {"train": {"a": 2}})
     (tmp_path / name).write_bytes(b"")
@@ -711,9 +876,7 @@ def test_an_absent_split_is_told_apart_from_a_damaged_one(tmp_path: Path, cache:
 
 @pytest.mark.parametrize("content", [b"", b"\x80\x02garbage", "malicious", "wrong-dtype"])
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch's note on the pickle protocol
-def test_a_damaged_cache_file_is_decoded_again(
-    tmp_path: Path, cache: Path, content: bytes | str
-) -> None:
+def test_a_damaged_cache_file_is_decoded_again(tmp_path: Path, cache: Path, content: bytes | str) -> None:
     expected = make_tree(tmp_path / "root", {"train": {"a": 2}})
     load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
     (file,) = cache.iterdir()

@@ -31,8 +31,11 @@ def test_round_trip_of_a_pruned_model(tmp_path):
 
 def test_import_renames_prefix_and_head_and_reads_pruned_widths(tmp_path):
     model = create_model("resnet20", widths("resnet20", "[0.]+[0.25]*2+[0.5]*9"))
-    state = {("module." + k).replace("module.fc.", "module.linear."): v for k, v in model.state_dict().items()
-             if not k.endswith((".src", ".dst"))}
+    state = {
+        ("module." + k).replace("module.fc.", "module.linear."): v
+        for k, v in model.state_dict().items()
+        if not k.endswith((".src", ".dst"))
+    }
     torch.save({"state_dict": state, "best_prec1": 91.0}, tmp_path / "w.th")
     mf = import_weights("resnet20", tmp_path / "w.th", "cifar")
     assert mf.model.widths == model.widths

@@ -56,8 +56,16 @@ def test_cifar_models_run_and_classify(arch):
 
 def test_resnet50_matches_torchvision_parameter_names():
     names = set(create_model("resnet50").state_dict())
-    for key in ["conv1.weight", "bn1.running_mean", "layer1.0.downsample.0.weight", "layer1.0.downsample.1.bias",
-                "layer4.2.conv3.weight", "layer3.5.bn2.num_batches_tracked", "fc.weight", "fc.bias"]:
+    for key in [
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.downsample.0.weight",
+        "layer1.0.downsample.1.bias",
+        "layer4.2.conv3.weight",
+        "layer3.5.bn2.num_batches_tracked",
+        "fc.weight",
+        "fc.bias",
+    ]:
         assert key in names
     assert not any("relu" in k for k in names)
     assert create_model("resnet50")(torch.randn(1, 3, 64, 64)).shape == (1, 1000)

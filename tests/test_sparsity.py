@@ -1,4 +1,3 @@
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,8 +15,10 @@ def test_plain_list_and_bracket_lists():
     assert parse_rates("[0.1, 0.2]*2+[3e-1]") == [0.1, 0.2, 0.1, 0.2, 0.3]
 
 
-@pytest.mark.parametrize("text", ["", "[0.1", "[0.1]*", "[0.1]*x", "__import__('os')", "[0.1]+", "0.1;0.2",
-                                  "[a]", "[0.1]]", "[0.1]*2*3", "1,,2"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "[0.1", "[0.1]*", "[0.1]*x", "__import__('os')", "[0.1]+", "0.1;0.2", "[a]", "[0.1]]", "[0.1]*2*3", "1,,2"],
+)
 def test_malformed_strings_raise_our_error(text):
     with pytest.raises(SparsityError):
         parse_rates(text)

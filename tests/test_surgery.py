@@ -34,8 +34,9 @@ def masked_forward(model: nn.Module, keep: dict[str, torch.Tensor], x: torch.Ten
     for layer in model.channel_layers():
         mask = torch.zeros(model.widths[layer.conv])
         mask[keep[layer.conv]] = 1
-        handles.append(model.get_submodule(layer.act).register_forward_hook(
-            lambda m, i, out, mask=mask: out * mask[:, None, None]))
+        handles.append(
+            model.get_submodule(layer.act).register_forward_hook(lambda m, i, out, mask=mask: out * mask[:, None, None])
+        )
     try:
         return model(x)
     finally:
@@ -82,8 +83,11 @@ def test_coupled_mode_gives_one_ranking_per_residual_stage():
     paper = select_channels(model.channel_layers(), scores, w, "paper")
     for conv in stage1[1:]:
         assert paper[conv].tolist() == top_channels(scores[conv], 12).tolist()
-    assert paper["layer1.0.conv1"].tolist() == keep["layer1.0.conv1"].tolist() == top_channels(
-        scores["layer1.0.conv1"], 8).tolist()
+    assert (
+        paper["layer1.0.conv1"].tolist()
+        == keep["layer1.0.conv1"].tolist()
+        == top_channels(scores["layer1.0.conv1"], 8).tolist()
+    )
 
 
 def test_option_a_shortcut_is_fpad_on_channels():
@@ -112,8 +116,11 @@ def test_coupled_shortcut_follows_the_kept_channels():
     keep = select_channels(model.channel_layers(), scores, w, "coupled")
     pruned = prune(model, scores, w, "coupled")
     sc = pruned.layer2[0].shortcut  # 8 of the stage-1 channels into 16 of the 32 stage-2 channels
-    expected = [(i, keep["layer2.0.conv2"].tolist().index(c + 8)) for i, c in enumerate(keep["layer1.2.conv2"].tolist())
-                if c + 8 in keep["layer2.0.conv2"].tolist()]
+    expected = [
+        (i, keep["layer2.0.conv2"].tolist().index(c + 8))
+        for i, c in enumerate(keep["layer1.2.conv2"].tolist())
+        if c + 8 in keep["layer2.0.conv2"].tolist()
+    ]
     assert list(zip(sc.src.tolist(), sc.dst.tolist(), strict=True)) == expected
 
 

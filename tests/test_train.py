@@ -40,9 +40,27 @@ def work(tmp_path_factory):
 
 def finetune_args(work, run, *extra):
     """`chip finetune` of the ResNet-20 for 3 quick epochs of 15 steps (480 images, batch 32)."""
-    return ["finetune", str(work / "r20.pt"), "--data", str(work / "data"), "--out-dir", str(run),
-            "--epochs", "3", "--batch-size", "32", "--train-subset", "480", "--lr", "0.05", "--warmup-epochs", "1",
-            "--workers", "0", *extra]
+    return [
+        "finetune",
+        str(work / "r20.pt"),
+        "--data",
+        str(work / "data"),
+        "--out-dir",
+        str(run),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--train-subset",
+        "480",
+        "--lr",
+        "0.05",
+        "--warmup-epochs",
+        "1",
+        "--workers",
+        "0",
+        *extra,
+    ]
 
 
 def weights(path):
@@ -51,8 +69,10 @@ def weights(path):
 
 def metrics(run):
     """metrics.jsonl without the timings."""
-    return [{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "seconds")}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "seconds")}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 # ---- schedule and presets ----------------------------------------------------------------------------------
@@ -70,9 +90,19 @@ def test_lr_warms_up_linearly_per_step_then_decays_by_cosine_to_zero():
 def test_presets_are_the_authors_recipes():
     cifar, imagenet, baseline = PRESETS["paper-cifar"], PRESETS["paper-imagenet"], PRESETS["baseline-cifar"]
     assert (cifar.epochs, cifar.batch_size, cifar.lr, cifar.momentum, cifar.weight_decay, cifar.warmup_epochs) == (
-        400, 256, 0.01, 0.9, 0.005, 5)
+        400,
+        256,
+        0.01,
+        0.9,
+        0.005,
+        5,
+    )
     assert (imagenet.epochs, imagenet.momentum, imagenet.label_smoothing, imagenet.weight_decay) == (
-        180, 0.99, 0.1, 1e-4)
+        180,
+        0.99,
+        0.1,
+        1e-4,
+    )
     assert (baseline.epochs, baseline.lr, baseline.momentum, baseline.weight_decay) == (200, 0.1, 0.9, 5e-4)
 
 
@@ -103,8 +133,16 @@ def test_finetune_writes_a_complete_run_folder(work, tmp_path, capsys):
     assert config["preset"] == "paper-cifar" and config["train_images"] == 64 and config["steps_per_epoch"] == 2
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
-    assert set(lines[0]) == {"epoch", "lr", "train_loss", "train_top1", "test_top1", "test_top5", "images_per_s",
-                             "seconds"}
+    assert set(lines[0]) == {
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_top1",
+        "test_top1",
+        "test_top5",
+        "images_per_s",
+        "seconds",
+    }
     assert all(math.isfinite(m["train_loss"]) and 0 <= m["test_top1"] <= m["test_top5"] <= 100 for m in lines)
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = torch.load(run / "last.pt", weights_only=True)["training"]
@@ -118,19 +156,39 @@ def test_finetune_writes_a_complete_run_folder(work, tmp_path, capsys):
 
 def test_train_from_scratch_without_an_evaluation_split(work, tmp_path, capsys):
     run = tmp_path / "run"
-    code = main(["train", "--arch", "resnet20", "--data", str(work / "train-only"), "--out-dir", str(run),
-                 "--epochs", "2", "--batch-size", "32", "--train-subset", "64", "--workers", "0"])
+    code = main(
+        [
+            "train",
+            "--arch",
+            "resnet20",
+            "--data",
+            str(work / "train-only"),
+            "--out-dir",
+            str(run),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--train-subset",
+            "64",
+            "--workers",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0 and err.count("no evaluation split") == 1 and "training without evaluation" in err
     assert [m["test_top1"] for m in metrics(run)] == [None, None] and not (run / "best.pt").exists()
     assert json.loads((run / "config.json").read_text())["config"]["lr"] == 0.1, "baseline-cifar by default"
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    ((), "already holds a run: --resume to continue it"),
-    (("--resume", "--lr", "0.1"), "was made with lr 0.05 (now 0.1): give the same options"),
-    (("--batch-size", "1000", "--out-dir", "other"), "fewer than one batch of 1000"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ((), "already holds a run: --resume to continue it"),
+        (("--resume", "--lr", "0.1"), "was made with lr 0.05 (now 0.1): give the same options"),
+        (("--batch-size", "1000", "--out-dir", "other"), "fewer than one batch of 1000"),
+    ],
+)
 def test_bad_runs_are_one_line_errors(work, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
     assert main(finetune_args(work, "run", "--epochs", "1", "--train-subset", "32")) == 0
@@ -190,8 +248,16 @@ def test_killed_then_stopped_run_resumes_to_bit_identical_weights(work, tmp_path
 def test_two_gloo_processes_match_one_with_the_same_global_batch(work, tmp_path):
     # One process sees each half of a batch as a micro-batch (--accum 2), as BatchNorm does in each of two processes.
     assert main(finetune_args(work, tmp_path / "one", "--epochs", "2", "--train-subset", "128", "--accum", "2")) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chipprune.cli",
-           *finetune_args(work, tmp_path / "two", "--epochs", "2", "--train-subset", "128")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "chipprune.cli",
+        *finetune_args(work, tmp_path / "two", "--epochs", "2", "--train-subset", "128"),
+    ]
     done = subprocess.run(cmd, env={**os.environ, **LOOPBACK}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
@@ -212,8 +278,18 @@ def calibration_batches():
 def test_chip_score_under_torchrun_equals_one_process(work, tmp_path):
     score = ["score", str(work / "r20.pt"), "--data", str(work / "data"), "--batches", "3", "--batch-size", "10"]
     assert main([*score, "--out", str(tmp_path / "one.json")]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chipprune.cli",
-           *score, "--out", str(tmp_path / "two.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "chipprune.cli",
+        *score,
+        "--out",
+        str(tmp_path / "two.json"),
+    ]
     done = subprocess.run(cmd, env={**os.environ, **LOOPBACK}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))

@@ -8,5 +8,16 @@ from .modelfile import ModelFile, import_weights, load_model  # noqa: E402
 from .models import ARCHS, create_model  # noqa: E402
 from .surgery import prune, select_channels  # noqa: E402
 
-__all__ = ["ARCHS", "ModelFile", "channel_independence", "create_model", "group_importance", "import_weights",
-           "load_model", "prune", "prune_model", "select_channels", "__version__"]
+__all__ = [
+    "ARCHS",
+    "ModelFile",
+    "channel_independence",
+    "create_model",
+    "group_importance",
+    "import_weights",
+    "load_model",
+    "prune",
+    "prune_model",
+    "select_channels",
+    "__version__",
+]

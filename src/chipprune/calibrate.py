@@ -51,9 +51,15 @@ class MapScores(NamedTuple):
 
 
 @torch.no_grad()
-def score_layers(model: nn.Module, layers: list[ChannelLayer], criterion: Criterion,
-                 batches: Iterable[tuple[Tensor, Tensor]] = (), *, device: str | torch.device = "cpu",
-                 progress: bool = False) -> LayerScores:
+def score_layers(
+    model: nn.Module,
+    layers: list[ChannelLayer],
+    criterion: Criterion,
+    batches: Iterable[tuple[Tensor, Tensor]] = (),
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> LayerScores:
     """Mean per-channel scores of every layer's conv (keyed by conv name), and the images they came from."""
     convs = {layer.conv: cast(nn.Conv2d, model.get_submodule(layer.conv)) for layer in layers}
     if not isinstance(criterion, ActivationCriterion):
@@ -64,8 +70,15 @@ def score_layers(model: nn.Module, layers: list[ChannelLayer], criterion: Criter
 
 
 @torch.no_grad()
-def score_maps(model: nn.Module, taps: dict[str, Tap], criterion: ActivationCriterion, inputs: Iterable[Tensor], *,
-               device: str | torch.device = "cpu", progress: bool = False) -> MapScores:
+def score_maps(
+    model: nn.Module,
+    taps: dict[str, Tap],
+    criterion: ActivationCriterion,
+    inputs: Iterable[Tensor],
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> MapScores:
     """Mean per-channel scores of the feature map at every tap, in one eval-mode forward pass per batch. A map read
     by several layers (the very same tensor at several taps) is scored once: the later taps keep zeros, and `same`
     maps each to the first.
@@ -111,11 +124,15 @@ def score_maps(model: nn.Module, taps: dict[str, Tap], criterion: ActivationCrit
             for name, s in saved.items():
                 sums[name].copy_(s)
             if len(part) == 1:
-                raise CalibrationError(f"out of memory scoring a single image on {device}: free memory, or score on "
-                                       "another device") from None
+                raise CalibrationError(
+                    f"out of memory scoring a single image on {device}: free memory, or score on another device"
+                ) from None
             chunk = (len(part) + 1) // 2
-            warnings.warn(f"out of memory scoring {len(part)} images at once on {device}: going on with {chunk} "
-                          "(the scores are the same; a smaller --batch-size avoids the retry)", stacklevel=1)
+            warnings.warn(
+                f"out of memory scoring {len(part)} images at once on {device}: going on with {chunk} "
+                "(the scores are the same; a smaller --batch-size avoids the retry)",
+                stacklevel=1,
+            )
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             forward(part)
@@ -127,8 +144,9 @@ def score_maps(model: nn.Module, taps: dict[str, Tap], criterion: ActivationCrit
     place = current(device)
     count = torch.zeros((), dtype=torch.float64)
     try:
-        for x in tqdm(inputs, desc=f"scoring ({criterion.name})", unit="batch",
-                      disable=not progress or not place.writer):
+        for x in tqdm(
+            inputs, desc=f"scoring ({criterion.name})", unit="batch", disable=not progress or not place.writer
+        ):
             part = x[share(len(x), place.rank, place.world)]
             if len(part):
                 forward(part)
@@ -150,8 +168,13 @@ def _out_of_memory(e: RuntimeError) -> bool:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *,
-                   device: str | torch.device = "cpu", progress: bool = False) -> int:
+def recalibrate_bn(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> int:
     """Re-estimate every BatchNorm's running statistics on `batches` (no weight update); the images used."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:

@@ -43,8 +43,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     """One long-lived pool per thread count; each worker runs torch (and so LAPACK) on one thread."""
     # A worker left at torch's default would open an OpenMP team of its own, whose threads keep spinning after
     # each call and slow every later LAPACK call and forward pass by up to 10x.
-    return ThreadPoolExecutor(workers, thread_name_prefix="chipprune-ci", initializer=torch.set_num_threads,
-                              initargs=(1,))
+    return ThreadPoolExecutor(
+        workers, thread_name_prefix="chipprune-ci", initializer=torch.set_num_threads, initargs=(1,)
+    )
 
 
 def _per_image(decompose: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor) -> tuple[Tensor, ...]:

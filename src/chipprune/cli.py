@@ -41,16 +41,29 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; exit code 2 with one line on stderr for bad input."""
     args = build_parser().parse_args(argv)
 
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
-             line: str | None = None) -> None:
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
         print(f"chip {args.command}: warning: {message}", file=sys.stderr)
 
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show  # one plain line, as errors are
             args.run(args)
-    except (UsageError, ModelFileError, DataError, CalibrationError, sparsity.SparsityError, TrainError,
-            ExportError) as e:
+    except (
+        UsageError,
+        ModelFileError,
+        DataError,
+        CalibrationError,
+        sparsity.SparsityError,
+        TrainError,
+        ExportError,
+    ) as e:
         if os.environ.get("CHIP_DEBUG"):
             raise
         print(f"chip {args.command}: error: {e}", file=sys.stderr)
@@ -68,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"chipprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("profile", help="parameters and FLOPs of a model file or of an architecture at a sparsity",
-                       formatter_class=fmt)
+    p = sub.add_parser(
+        "profile", help="parameters and FLOPs of a model file or of an architecture at a sparsity", formatter_class=fmt
+    )
     p.add_argument("model", nargs="?", help="a chipprune model file (instead of --arch)")
     p.add_argument("--arch", choices=list(ARCHS), help="a registry architecture")
     p.add_argument("--sparsity", help="rates ('[0.]+[0.15]*2+[0.4]*27', '0,0.1,…') or a preset ('paper-1')")
@@ -81,9 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON to stdout")
     p.set_defaults(run=cmd_profile)
 
-    p = sub.add_parser("export", help="ONNX or TorchScript, checked against PyTorch", formatter_class=fmt,
-                       description="The exported model takes float32 RGB images in [0, 1], [B, 3, H, W], as input "
-                       "`images`; the model file's normalization is built in. Output `logits`.")
+    p = sub.add_parser(
+        "export",
+        help="ONNX or TorchScript, checked against PyTorch",
+        formatter_class=fmt,
+        description="The exported model takes float32 RGB images in [0, 1], [B, 3, H, W], as input "
+        "`images`; the model file's normalization is built in. Output `logits`.",
+    )
     p.add_argument("model", help="a chipprune model file")
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     p.add_argument("--out", required=True, help="the file to write")
@@ -97,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", required=True, choices=list(ARCHS), help="the architecture the weights are for")
     p.add_argument("--weights", required=True, help="a state_dict, or a dict holding one under 'state_dict'")
     p.add_argument("--out", required=True, help="the model file to write")
-    p.add_argument("--normalize", default="imagenet",
-                   help="input normalization the weights were trained with: imagenet, cifar, or m1,m2,m3:s1,s2,s3")
+    p.add_argument(
+        "--normalize",
+        default="imagenet",
+        help="input normalization the weights were trained with: imagenet, cifar, or m1,m2,m3:s1,s2,s3",
+    )
     p.set_defaults(run=cmd_import)
 
     p = sub.add_parser("score", help="score every prunable channel on calibration images", formatter_class=fmt)
@@ -111,21 +132,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a chipprune model file")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--sparsity", help="rates or a preset, as the paper's lists")
-    budget.add_argument("--flops-target", type=float, metavar="F",
-                        help="keep this fraction of the FLOPs (within 2 %%): dependency-graph pruning, every conv "
-                             "group at one ratio (see docs/any-cnn.md)")
-    p.add_argument("--global", dest="global_scope", action="store_true",
-                   help="with --flops-target: rank all groups' channels together (the layers that matter keep more)")
-    p.add_argument("--round-to", type=_positive, metavar="N",
-                   help="with --flops-target: keep channel counts at multiples of N")
+    budget.add_argument(
+        "--flops-target",
+        type=float,
+        metavar="F",
+        help="keep this fraction of the FLOPs (within 2 %%): dependency-graph pruning, every conv "
+        "group at one ratio (see docs/any-cnn.md)",
+    )
+    p.add_argument(
+        "--global",
+        dest="global_scope",
+        action="store_true",
+        help="with --flops-target: rank all groups' channels together (the layers that matter keep more)",
+    )
+    p.add_argument(
+        "--round-to", type=_positive, metavar="N", help="with --flops-target: keep channel counts at multiples of N"
+    )
     p.add_argument("--out", required=True, help="the pruned model file to write")
     p.add_argument("--scores", help="scores JSON from `chip score` (skips calibration; with --sparsity)")
-    p.add_argument("--residual", choices=RESIDUAL_MODES, default="coupled",
-                   help="coupled: one channel set per residual stage; paper (with --sparsity only): per block, "
-                        "shortcuts by position")
-    p.add_argument("--recalibrate-bn", type=int, default=0, metavar="B",
-                   help="after pruning, re-estimate BatchNorm statistics on B training batches of --batch-size "
-                        "(train mode, no weight update; needs --data); 0: keep the parent's")
+    p.add_argument(
+        "--residual",
+        choices=RESIDUAL_MODES,
+        default="coupled",
+        help="coupled: one channel set per residual stage; paper (with --sparsity only): per block, "
+        "shortcuts by position",
+    )
+    p.add_argument(
+        "--recalibrate-bn",
+        type=int,
+        default=0,
+        metavar="B",
+        help="after pruning, re-estimate BatchNorm statistics on B training batches of --batch-size "
+        "(train mode, no weight update; needs --data); 0: keep the parent's",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON to stdout")
     _add_scoring_options(p, data_required=False)
     p.set_defaults(run=cmd_prune)
@@ -146,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(p, "paper-cifar, or paper-imagenet for 224-px architectures")
     p.set_defaults(run=cmd_finetune)
 
-    p = sub.add_parser("train", help="train an architecture from scratch (a baseline), as finetune does",
-                       formatter_class=fmt)
+    p = sub.add_parser(
+        "train", help="train an architecture from scratch (a baseline), as finetune does", formatter_class=fmt
+    )
     p.add_argument("--arch", required=True, choices=list(ARCHS), help="the architecture, at full width")
     p.add_argument("--normalize", default="imagenet", help="input normalization: imagenet, cifar, or m1,m2,m3:s1,s2,s3")
     _add_training_options(p, "baseline-cifar")
@@ -156,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_scoring_options(p: argparse.ArgumentParser, data_required: bool) -> None:
-    p.add_argument("--data", required=data_required,
-                   help="dataset source; calibration images come from its train split")
+    p.add_argument(
+        "--data", required=data_required, help="dataset source; calibration images come from its train split"
+    )
     p.add_argument("--criterion", choices=CRITERIA, default="chip", help="how channels are ranked")
     p.add_argument("--batches", type=_positive, default=5, help="calibration batches")
     p.add_argument("--batch-size", type=_positive, default=128, help="calibration batch size")
@@ -167,48 +208,88 @@ def _add_scoring_options(p: argparse.ArgumentParser, data_required: bool) -> Non
 
 
 def _add_training_options(p: argparse.ArgumentParser, default_preset: str) -> None:
-    p.add_argument("--data", required=True,
-                   help="dataset source with a train split and (unless --val-data) a test or val split")
+    p.add_argument(
+        "--data", required=True, help="dataset source with a train split and (unless --val-data) a test or val split"
+    )
     p.add_argument("--val-data", help="dataset source of the evaluation split, if not --data")
-    p.add_argument("--out-dir", required=True, help="the run folder: last.pt, best.pt, metrics.jsonl, config.json, "
-                   "curves.png")
+    p.add_argument(
+        "--out-dir", required=True, help="the run folder: last.pt, best.pt, metrics.jsonl, config.json, curves.png"
+    )
     presets = "; ".join(f"{name}: {_preset_text(cfg)}" for name, cfg in PRESETS.items())
-    p.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,
-                   help=f"hyperparameters, each overridden by its option below ({presets}) (default: {default_preset})")
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=argparse.SUPPRESS,
+        help=f"hyperparameters, each overridden by its option below ({presets}) (default: {default_preset})",
+    )
     hyper = argparse.SUPPRESS  # unless given, the preset's
     p.add_argument("--epochs", type=_positive, default=hyper, help="epochs (default: the preset's)")
     p.add_argument("--lr", type=float, default=hyper, help="peak learning rate (default: the preset's)")
-    p.add_argument("--batch-size", type=_positive, default=hyper,
-                   help="global batch, split among torchrun processes and --accum micro-batches "
-                   "(default: the preset's)")
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=hyper,
+        help="global batch, split among torchrun processes and --accum micro-batches (default: the preset's)",
+    )
     p.add_argument("--weight-decay", type=float, default=hyper, help="SGD weight decay (default: the preset's)")
     p.add_argument("--momentum", type=float, default=hyper, help="SGD momentum (default: the preset's)")
-    p.add_argument("--label-smoothing", type=float, default=hyper, help="cross-entropy label smoothing (default: "
-                   "the preset's)")
-    p.add_argument("--warmup-epochs", type=float, default=hyper,
-                   help="epochs of linear warm-up, per step, before the cosine decay (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds the subset, data order and augmentation (and train's initial weights)")
+    p.add_argument(
+        "--label-smoothing", type=float, default=hyper, help="cross-entropy label smoothing (default: the preset's)"
+    )
+    p.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=hyper,
+        help="epochs of linear warm-up, per step, before the cosine decay (default: the preset's)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the subset, data order and augmentation (and train's initial weights)",
+    )
     p.add_argument("--train-subset", type=_positive, help="train on a seeded subset of N images (quick runs)")
-    p.add_argument("--accum", type=_positive, default=1,
-                   help="micro-batches per batch, gradients added: less memory; BatchNorm sees each micro-batch")
+    p.add_argument(
+        "--accum",
+        type=_positive,
+        default=1,
+        help="micro-batches per batch, gradients added: less memory; BatchNorm sees each micro-batch",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt, exactly")
-    p.add_argument("--amp", choices=list(AMP), default="bf16" if torch.cuda.is_available() else "off",
-                   help="autocast dtype of the forward pass (fp16 with loss scaling)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
-                   help="channels_last memory format for the model and its inputs")
+    p.add_argument(
+        "--amp",
+        choices=list(AMP),
+        default="bf16" if torch.cuda.is_available() else "off",
+        help="autocast dtype of the forward pass (fp16 with loss scaling)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=torch.cuda.is_available(),
+        help="channels_last memory format for the model and its inputs",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm; GPUs only)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="loader processes (per torchrun process) for large images; in-memory CIFAR needs none")
-    p.add_argument("--device", default=_default_device(),
-                   help="torch device; under torchrun, cuda means each process's own GPU")
+    p.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm; GPUs only)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="loader processes (per torchrun process) for large images; in-memory CIFAR needs none",
+    )
+    p.add_argument(
+        "--device", default=_default_device(), help="torch device; under torchrun, cuda means each process's own GPU"
+    )
 
 
 def _preset_text(cfg: Config) -> str:
-    return (f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, momentum {cfg.momentum}, "
-            f"weight decay {cfg.weight_decay}, label smoothing {cfg.label_smoothing}, warm-up {cfg.warmup_epochs}")
+    return (
+        f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, momentum {cfg.momentum}, "
+        f"weight decay {cfg.weight_decay}, label smoothing {cfg.label_smoothing}, warm-up {cfg.warmup_epochs}"
+    )
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -240,13 +321,21 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
 def _sizes(model: torch.nn.Module, base: torch.nn.Module, input_size: int) -> dict[str, Any]:
     params, flops = count_params(model), count_flops(model, input_size)
     base_params, base_flops = count_params(base), count_flops(base, input_size)
-    return {"params": params, "flops": flops, "base_params": base_params, "base_flops": base_flops,
-            "params_reduction": 1 - params / base_params, "flops_reduction": 1 - flops / base_flops}
+    return {
+        "params": params,
+        "flops": flops,
+        "base_params": base_params,
+        "base_flops": base_flops,
+        "params_reduction": 1 - params / base_params,
+        "flops_reduction": 1 - flops / base_flops,
+    }
 
 
 def _sizes_text(r: dict[str, Any]) -> str:
-    return (f"params {r['params']:,} ({100 * r['params_reduction']:.1f}% fewer than {r['base_params']:,})\n"
-            f"FLOPs  {r['flops']:,} ({100 * r['flops_reduction']:.1f}% fewer than {r['base_flops']:,})")
+    return (
+        f"params {r['params']:,} ({100 * r['params_reduction']:.1f}% fewer than {r['base_params']:,})\n"
+        f"FLOPs  {r['flops']:,} ({100 * r['flops_reduction']:.1f}% fewer than {r['base_flops']:,})"
+    )
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -275,8 +364,10 @@ def cmd_profile(args: argparse.Namespace) -> None:
         size = get_arch(arch).input_size
         result["latency_ms"] = {b: measure_latency(model, size, b, repeats=args.repeats) for b in args.batch_sizes}
         result["threads"] = torch.get_num_threads()
-        text += "".join(f"\nbatch {b}: {r['median_ms']:.2f} ms median ({r['min_ms']:.2f}–{r['max_ms']:.2f})"
-                        for b, r in result["latency_ms"].items())
+        text += "".join(
+            f"\nbatch {b}: {r['median_ms']:.2f} ms median ({r['min_ms']:.2f}–{r['max_ms']:.2f})"
+            for b, r in result["latency_ms"].items()
+        )
     _emit(args, result, text)
 
 
@@ -286,8 +377,9 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise UsageError("--dynamic-batch applies to --format onnx")
     mf = load_model(args.model)
     try:
-        error = export(mf, args.out, args.format, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch,
-                       opset=args.opset)
+        error = export(
+            mf, args.out, args.format, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch, opset=args.opset
+        )
     except ImportError as e:
         raise UsageError(f"{e}: install the export extra, pip install 'chipprune[export]'") from None
     print(f"wrote {args.out}: {args.format}, max relative error against PyTorch {error:.1e}", file=sys.stderr)
@@ -297,8 +389,9 @@ def cmd_import(args: argparse.Namespace) -> None:
     """Convert weights and save a model file."""
     mf = import_weights(args.arch, args.weights, args.normalize)
     mf.save(args.out)
-    print(f"wrote {args.out}: {args.arch}, {len(mf.classes)} classes, "
-          f"{count_params(mf.model):,} params", file=sys.stderr)
+    print(
+        f"wrote {args.out}: {args.arch}, {len(mf.classes)} classes, {count_params(mf.model):,} params", file=sys.stderr
+    )
 
 
 def _calibration(args: argparse.Namespace, mf: ModelFile) -> Iterator[tuple[Tensor, Tensor]]:
@@ -309,8 +402,9 @@ def _calibration(args: argparse.Namespace, mf: ModelFile) -> Iterator[tuple[Tens
     _check_classes(train, mf)
     wanted = args.batches * args.batch_size
     if len(train) < wanted:
-        warnings.warn(f"asked for {wanted} calibration images, the train split has {len(train)}: using them all",
-                      stacklevel=2)
+        warnings.warn(
+            f"asked for {wanted} calibration images, the train split has {len(train)}: using them all", stacklevel=2
+        )
     return mf.batches(train, args.batch_size, shuffle=True, seed=args.seed, limit=wanted, workers=args.workers)
 
 
@@ -327,8 +421,9 @@ def _scores(args: argparse.Namespace, mf: ModelFile) -> tuple[dict[str, Tensor],
     criterion = get_criterion(args.criterion, args.seed)
     with distributed(args.device) as place:
         batches_ = _calibration(args, mf) if isinstance(criterion, ActivationCriterion) else iter(())
-        scores, images = score_layers(mf.model, mf.model.channel_layers(), criterion, batches_, device=place.device,
-                                      progress=place.writer)
+        scores, images = score_layers(
+            mf.model, mf.model.channel_layers(), criterion, batches_, device=place.device, progress=place.writer
+        )
     how = {"criterion": criterion.name, "images": images, "seed": args.seed, "processes": place.world}
     return scores, how, place.writer
 
@@ -355,10 +450,15 @@ def cmd_score(args: argparse.Namespace) -> None:
     scores, how, writer = _scores(args, mf)
     if not writer:
         return
-    save_json({"format": SCORES_FORMAT, "arch": mf.arch, **how,
-               "layers": {conv: s.tolist() for conv, s in scores.items()}}, args.out)
-    print(f"wrote {args.out}: {how['criterion']} scores of {len(scores)} layers"
-          + (f" from {how['images']} images" if how["images"] else ""), file=sys.stderr)
+    save_json(
+        {"format": SCORES_FORMAT, "arch": mf.arch, **how, "layers": {conv: s.tolist() for conv, s in scores.items()}},
+        args.out,
+    )
+    print(
+        f"wrote {args.out}: {how['criterion']} scores of {len(scores)} layers"
+        + (f" from {how['images']} images" if how["images"] else ""),
+        file=sys.stderr,
+    )
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -372,8 +472,11 @@ def cmd_prune(args: argparse.Namespace) -> None:
     mf = load_model(args.model)
     if args.flops_target is not None:
         pruned, how = _prune_to_flops(args, mf)
-        budget = {"flops_target": args.flops_target, "scope": "global" if args.global_scope else "local",
-                  "round_to": args.round_to}
+        budget = {
+            "flops_target": args.flops_target,
+            "scope": "global" if args.global_scope else "local",
+            "round_to": args.round_to,
+        }
     else:
         widths = sparsity.widths(mf.arch, args.sparsity)
         scores, how, writer = _scores(args, mf)
@@ -383,19 +486,32 @@ def cmd_prune(args: argparse.Namespace) -> None:
             pruned = prune(mf.model, scores, widths, args.residual)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        budget = {"sparsity": sparsity.format_rates(sparsity.resolve(mf.arch, args.sparsity)),
-                  "residual": args.residual}
+        budget = {
+            "sparsity": sparsity.format_rates(sparsity.resolve(mf.arch, args.sparsity)),
+            "residual": args.residual,
+        }
     if args.recalibrate_bn:
         train = load_split(args.data, "train")
         # Other images than the calibration's (seed + 1), without augmentation: the statistics of test-like inputs.
-        stream = mf.batches(train, args.batch_size, shuffle=True, seed=args.seed + 1,
-                            limit=args.recalibrate_bn * args.batch_size, workers=args.workers)
+        stream = mf.batches(
+            train,
+            args.batch_size,
+            shuffle=True,
+            seed=args.seed + 1,
+            limit=args.recalibrate_bn * args.batch_size,
+            workers=args.workers,
+        )
         how["recalibrated_bn_images"] = recalibrate_bn(pruned, stream, device=args.device, progress=True)
         pruned.cpu()
     meta = {**mf.meta, "pruned": {**budget, **how, "parent": Path(args.model).name}}
     ModelFile(mf.arch, pruned, mf.mean, mf.std, mf.classes, meta).save(args.out)
-    result = {"arch": mf.arch, **budget, **how, "out": args.out,
-              **_sizes(pruned, create_model(mf.arch, None, len(mf.classes)), mf.input_size)}
+    result = {
+        "arch": mf.arch,
+        **budget,
+        **how,
+        "out": args.out,
+        **_sizes(pruned, create_model(mf.arch, None, len(mf.classes)), mf.input_size),
+    }
     said = ", ".join(f"{k} {v}" for k, v in budget.items() if v is not None)
     _emit(args, result, f"wrote {args.out}: {mf.arch}, {said}, {how['criterion']}\n" + _sizes_text(result))
 
@@ -405,8 +521,10 @@ def _prune_to_flops(args: argparse.Namespace, mf: ModelFile) -> tuple[RegistryMo
     if args.scores:
         raise UsageError("--scores holds per-conv scores for --sparsity; --flops-target scores layer inputs itself")
     if args.residual == "paper":
-        raise UsageError("--residual paper applies to --sparsity: with --flops-target the dependency graph couples "
-                         "the residual channels")
+        raise UsageError(
+            "--residual paper applies to --sparsity: with --flops-target the dependency graph couples "
+            "the residual channels"
+        )
     if launched():
         raise UsageError("--flops-target runs in one process; run it without torchrun")
     criterion = get_criterion(args.criterion, args.seed)
@@ -423,10 +541,19 @@ def _prune_to_flops(args: argparse.Namespace, mf: ModelFile) -> tuple[RegistryMo
     model = mf.model.to(args.device)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]  # the registry heads keep their widths
     try:
-        pruned = cast(RegistryModel, prune_model(
-            model, torch.zeros(1, 3, size, size, device=args.device), counted(), flops_target=args.flops_target,
-            criterion=criterion, scope="global" if args.global_scope else "local", ignored_layers=linears,
-            round_to=args.round_to)).cpu()
+        pruned = cast(
+            RegistryModel,
+            prune_model(
+                model,
+                torch.zeros(1, 3, size, size, device=args.device),
+                counted(),
+                flops_target=args.flops_target,
+                criterion=criterion,
+                scope="global" if args.global_scope else "local",
+                ignored_layers=linears,
+                round_to=args.round_to,
+            ),
+        ).cpu()
     except ValueError as e:
         raise UsageError(str(e)) from None
     pruned.widths = {conv: cast(torch.nn.Conv2d, pruned.get_submodule(conv)).out_channels for conv in pruned.widths}
@@ -442,10 +569,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     split = load_split(args.data, args.split)
     _check_classes(split, mf)
     stream = mf.batches(split, args.batch_size, limit=args.limit, workers=args.workers)
-    result = {"model": args.model, "split": args.split,
-              **evaluate(mf.model, stream, device=args.device, progress=True)}
-    _emit(args, result, f"{args.model} on {args.split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-          f"({result['images']} images)")
+    result = {"model": args.model, "split": args.split, **evaluate(mf.model, stream, device=args.device, progress=True)}
+    _emit(
+        args,
+        result,
+        f"{args.model} on {args.split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+        f"({result['images']} images)",
+    )
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -469,21 +599,40 @@ def cmd_train(args: argparse.Namespace) -> None:
         _fit(args, mf, train, test, place, "baseline-cifar", {"command": "train", "arch": args.arch})
 
 
-def _fit(args: argparse.Namespace, mf: ModelFile, train: ImageSplit, test: ImageSplit | None, place: Place,
-         default_preset: str, about: dict[str, Any]) -> None:
+def _fit(
+    args: argparse.Namespace,
+    mf: ModelFile,
+    train: ImageSplit,
+    test: ImageSplit | None,
+    place: Place,
+    default_preset: str,
+    about: dict[str, Any],
+) -> None:
     """Run the training loop with the options of finetune and train; print where its results are."""
     preset = getattr(args, "preset", default_preset)
     fields = {f.name for f in dataclasses.fields(Config)}
     cfg = dataclasses.replace(PRESETS[preset], **{k: v for k, v in vars(args).items() if k in fields})
     run = Path(args.out_dir)
-    history = fit(mf, train, test, cfg, run, resume=args.resume, place=place, channels_last=args.channels_last,
-                  compile=args.compile, workers=args.workers,
-                  about={**about, "data": args.data, "val_data": args.val_data, "preset": preset})
+    history = fit(
+        mf,
+        train,
+        test,
+        cfg,
+        run,
+        resume=args.resume,
+        place=place,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        workers=args.workers,
+        about={**about, "data": args.data, "val_data": args.val_data, "preset": preset},
+    )
     if place.writer:
         h = history[-1]
         score = "no evaluation" if h["test_top1"] is None else f"test top-1 {h['test_top1']:.2f}%"
-        print(f"wrote {run}/last.pt after epoch {h['epoch']} ({score}); per-epoch metrics in {run}/metrics.jsonl",
-              file=sys.stderr)
+        print(
+            f"wrote {run}/last.pt after epoch {h['epoch']} ({score}); per-epoch metrics in {run}/metrics.jsonl",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -10,8 +10,13 @@ from tqdm import tqdm
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, device: str | torch.device = "cpu",
-             progress: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, float]:
     """Top-1 and top-5 accuracy in percent, and the number of images."""
     model.eval().to(device)
     correct1 = correct5 = images = 0

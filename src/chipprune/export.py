@@ -41,8 +41,15 @@ class Normalized(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
-def export(mf: ModelFile, path: str | os.PathLike, fmt: str, *, batch_size: int = 1, dynamic_batch: bool = False,
-           opset: int = 17) -> float:
+def export(
+    mf: ModelFile,
+    path: str | os.PathLike,
+    fmt: str,
+    *,
+    batch_size: int = 1,
+    dynamic_batch: bool = False,
+    opset: int = 17,
+) -> float:
     """Write the model in `fmt`, check it against PyTorch, and return the max relative error."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -65,8 +72,7 @@ def export(mf: ModelFile, path: str | os.PathLike, fmt: str, *, batch_size: int 
         try:
             error = relative_error(run_exported(staged, fmt, check), model(check).detach())
         except Exception as e:  # the runtimes raise their own types; the first line says what failed
-            raise ExportError(f"the exported model fails on a batch of {len(check)}: "
-                              f"{reason(e)}") from None
+            raise ExportError(f"the exported model fails on a batch of {len(check)}: {reason(e)}") from None
         if error > TOLERANCE:
             raise ExportError(f"the exported model differs from PyTorch: relative error {error:.2e} > {TOLERANCE}")
         atomic_write(path, staged.read_bytes())
@@ -75,8 +81,16 @@ def export(mf: ModelFile, path: str | os.PathLike, fmt: str, *, batch_size: int 
 
 def _to_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, dynamic_batch: bool) -> None:
     axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-    torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset, input_names=["images"],
-                      output_names=["logits"], dynamic_axes=axes)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes=axes,
+    )
 
 
 def run_exported(path: str | os.PathLike, fmt: str, images: Tensor) -> Tensor:

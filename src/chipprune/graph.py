@@ -103,11 +103,19 @@ class IdentityShortcutPruner(tp.pruner.BasePruningFunc):
 PRUNERS = {ChannelShortcut: ShortcutPruner(), IdentityShortcut: IdentityShortcutPruner()}
 
 
-def prune_model(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any], *,
-                pruning_ratio: float | dict[str, float] | None = None, flops_target: float | None = None,
-                criterion: str | Criterion = "chip", scope: str = "local",
-                ignored_layers: Iterable[nn.Module | str] = (), round_to: int | None = None,
-                importance: dict[str, Tensor] | None = None) -> nn.Module:
+def prune_model(
+    model: nn.Module,
+    example_inputs: Tensor,
+    calibration: Iterable[Any],
+    *,
+    pruning_ratio: float | dict[str, float] | None = None,
+    flops_target: float | None = None,
+    criterion: str | Criterion = "chip",
+    scope: str = "local",
+    ignored_layers: Iterable[nn.Module | str] = (),
+    round_to: int | None = None,
+    importance: dict[str, Tensor] | None = None,
+) -> nn.Module:
     """A physically pruned copy of `model` (which is left as it is), its channels ranked by `criterion`.
 
     calibration: batches of inputs, or (inputs, targets) pairs. Give exactly one of pruning_ratio (the fraction of
@@ -131,16 +139,26 @@ def prune_model(model: nn.Module, example_inputs: Tensor, calibration: Iterable[
     return _search(model, example_inputs, trial, flops_target)
 
 
-def group_importance(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any], *,
-                     criterion: str | Criterion = "chip", ignored_layers: Iterable[nn.Module | str] = ()
-                     ) -> dict[str, Tensor]:
+def group_importance(
+    model: nn.Module,
+    example_inputs: Tensor,
+    calibration: Iterable[Any],
+    *,
+    criterion: str | Criterion = "chip",
+    ignored_layers: Iterable[nn.Module | str] = (),
+) -> dict[str, Tensor]:
     """The importance of the channels of every prunable group, keyed by the name of the group's root layer."""
     return _analyse(model, example_inputs, calibration, criterion, ignored_layers)[0]
 
 
-def _analyse(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any], criterion: str | Criterion,
-             ignored_layers: Iterable[nn.Module | str], importance: dict[str, Tensor] | None = None
-             ) -> tuple[dict[str, Tensor], set[str]]:
+def _analyse(
+    model: nn.Module,
+    example_inputs: Tensor,
+    calibration: Iterable[Any],
+    criterion: str | Criterion,
+    ignored_layers: Iterable[nn.Module | str],
+    importance: dict[str, Tensor] | None = None,
+) -> tuple[dict[str, Tensor], set[str]]:
     """Group importances (measured unless given), and the names of the layers whose outputs stay (the given ones and
     the output layers)."""
     judge = get_criterion(criterion) if isinstance(criterion, str) else criterion
@@ -155,8 +173,9 @@ def _analyse(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any
     try:
         graph = _graph(model, example_inputs)
         ignored |= {names[m] for m in _output_layers(graph)}
-        groups = list(graph.get_all_groups(ignored_layers=[model.get_submodule(n) for n in ignored],
-                                           root_module_types=LAYERS))
+        groups = list(
+            graph.get_all_groups(ignored_layers=[model.get_submodule(n) for n in ignored], root_module_types=LAYERS)
+        )
         roots = {names[group[0].dep.target.module] for group in groups}
         if importance is not None and set(importance) != roots:
             raise ValueError("importance: not from group_importance on this model with these ignored_layers")
@@ -165,8 +184,9 @@ def _analyse(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any
         model.train(training)
 
 
-def _check(pruning_ratio: float | dict[str, float] | None, flops_target: float | None, scope: str,
-           round_to: int | None) -> None:
+def _check(
+    pruning_ratio: float | dict[str, float] | None, flops_target: float | None, scope: str, round_to: int | None
+) -> None:
     """ValueError for a request that makes no sense."""
     if (pruning_ratio is None) == (flops_target is None):
         raise ValueError("give exactly one of pruning_ratio and flops_target")
@@ -205,8 +225,7 @@ def _traceable(model: nn.Module) -> Iterator[None]:
 def _graph(model: nn.Module, example_inputs: Tensor) -> tp.DependencyGraph:
     """The dependency graph of `model` (left in eval mode)."""
     with _traceable(model), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs, customized_pruners=PRUNERS,
-                                                     verbose=False)
+        return tp.DependencyGraph().build_dependency(model, example_inputs, customized_pruners=PRUNERS, verbose=False)
 
 
 def _output_layers(graph: tp.DependencyGraph) -> set[nn.Module]:
@@ -230,19 +249,25 @@ def _members(group: tp.Group, inputs: bool) -> list[Member]:
     """The conv/linear layers whose input (or output) channels the group prunes, with their own and root indices."""
     graph = group._DG  # the graph the group was made from
     is_side = graph.is_in_channel_pruning_fn if inputs else graph.is_out_channel_pruning_fn
-    return [(item.dep.target.module, item.idxs, item.root_idxs) for item in group
-            if isinstance(item.dep.target.module, LAYERS) and is_side(item.dep.handler)]
+    return [
+        (item.dep.target.module, item.idxs, item.root_idxs)
+        for item in group
+        if isinstance(item.dep.target.module, LAYERS) and is_side(item.dep.handler)
+    ]
 
 
-def _importances(model: nn.Module, graph: tp.DependencyGraph, groups: list[tp.Group], judge: Criterion,
-                 calibration: Iterable[Any]) -> dict[str, Tensor]:
+def _importances(
+    model: nn.Module, graph: tp.DependencyGraph, groups: list[tp.Group], judge: Criterion, calibration: Iterable[Any]
+) -> dict[str, Tensor]:
     """The importance of every group's channels, keyed by the name of the group's root layer."""
     names = {m: n for n, m in model.named_modules()}
     roots = [names[group[0].dep.target.module] for group in groups]
     producers = [_members(group, inputs=False) for group in groups]
     if not isinstance(judge, ActivationCriterion):
-        return {root: _combine([(_filter_scores(judge, m), i, r) for m, i, r in members], len(group[0].idxs))
-                for root, group, members in zip(roots, groups, producers, strict=True)}
+        return {
+            root: _combine([(_filter_scores(judge, m), i, r) for m, i, r in members], len(group[0].idxs))
+            for root, group, members in zip(roots, groups, producers, strict=True)
+        }
     consumers = [_members(group, inputs=True) for group in groups]
     taps = {names[m]: Tap(names[m], "input", graph.get_in_channels(m)) for members in consumers for m, _, _ in members}
     inputs = (batch[0] if isinstance(batch, tuple | list) else batch for batch in calibration)
@@ -259,12 +284,18 @@ def _importances(model: nn.Module, graph: tp.DependencyGraph, groups: list[tp.Gr
             unseen.append(root)
             importance[root] = _combine([(_filter_scores(L1(), m), i, r) for m, i, r in made], len(group[0].idxs))
     if flat:
-        warnings.warn(f"{judge.name}: no spatial feature map reads the channels of the groups rooted at "
-                      f"{', '.join(flat)}; scored on the 2-D input of the linear layers reading them (one position "
-                      "per image: a magnitude ranking)", stacklevel=4)
+        warnings.warn(
+            f"{judge.name}: no spatial feature map reads the channels of the groups rooted at "
+            f"{', '.join(flat)}; scored on the 2-D input of the linear layers reading them (one position "
+            "per image: a magnitude ranking)",
+            stacklevel=4,
+        )
     if unseen:
-        warnings.warn(f"{judge.name}: no layer's input was observed holding the channels of the groups rooted at "
-                      f"{', '.join(unseen)}; scored by the L1 norm of their filters", stacklevel=4)
+        warnings.warn(
+            f"{judge.name}: no layer's input was observed holding the channels of the groups rooted at "
+            f"{', '.join(unseen)}; scored by the L1 norm of their filters",
+            stacklevel=4,
+        )
     return importance
 
 
@@ -288,8 +319,15 @@ def _combine(members: list[tuple[Tensor, list[int], list[int]]], channels: int) 
     return total / count.clamp_min(1)
 
 
-def _pruned(model: nn.Module, example_inputs: Tensor, importance: dict[str, Tensor], ratio: float | dict[str, float],
-            global_pruning: bool, ignored: set[str], round_to: int | None) -> nn.Module:
+def _pruned(
+    model: nn.Module,
+    example_inputs: Tensor,
+    importance: dict[str, Tensor],
+    ratio: float | dict[str, float],
+    global_pruning: bool,
+    ignored: set[str],
+    round_to: int | None,
+) -> nn.Module:
     """A pruned deep copy of `model` at a uniform ratio or at per-module ratios."""
     pruned = copy.deepcopy(model)
     names = {m: n for n, m in pruned.named_modules()}
@@ -300,11 +338,17 @@ def _pruned(model: nn.Module, example_inputs: Tensor, importance: dict[str, Tens
 
     with _traceable(pruned), torch.enable_grad():
         pruner = tp.pruner.BasePruner(
-            pruned, example_inputs, importance=score, global_pruning=global_pruning,
+            pruned,
+            example_inputs,
+            importance=score,
+            global_pruning=global_pruning,
             pruning_ratio=0.0 if isinstance(ratio, dict) else ratio,
             pruning_ratio_dict={by_name[n]: r for n, r in ratio.items()} if isinstance(ratio, dict) else None,
-            ignored_layers=[by_name[n] for n in ignored], round_to=round_to, customized_pruners=PRUNERS,
-            root_module_types=list(LAYERS))
+            ignored_layers=[by_name[n] for n in ignored],
+            round_to=round_to,
+            customized_pruners=PRUNERS,
+            root_module_types=list(LAYERS),
+        )
         pruner.step()
     return pruned.train(model.training)
 

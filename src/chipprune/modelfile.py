@@ -58,9 +58,14 @@ class ModelFile:
     def save(self, path: str | os.PathLike, training: dict[str, Any] | None = None) -> None:
         """Write atomically (a crash leaves the old file or the new one, never half of one), with any training state."""
         payload: dict[str, Any] = {
-            "format": FORMAT, "arch": self.arch, "widths": dict(self.model.widths),
-            "num_classes": len(self.classes), "mean": list(self.mean), "std": list(self.std),
-            "classes": list(self.classes), "meta": self.meta,
+            "format": FORMAT,
+            "arch": self.arch,
+            "widths": dict(self.model.widths),
+            "num_classes": len(self.classes),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "classes": list(self.classes),
+            "meta": self.meta,
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
         }
         if training is not None:
@@ -80,8 +85,10 @@ def safe_load(path: str | os.PathLike) -> Any:
             warnings.simplefilter("ignore", UserWarning)  # torch's note on the pickle protocol, before it refuses
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
-        raise ModelFileError(f"{path}: cannot be read safely as a weights file: corrupt or truncated, or holding "
-                             f"objects other than tensors and plain containers ({load_reason(e, path)})") from None
+        raise ModelFileError(
+            f"{path}: cannot be read safely as a weights file: corrupt or truncated, or holding "
+            f"objects other than tensors and plain containers ({load_reason(e, path)})"
+        ) from None
 
 
 def load_model(path: str | os.PathLike) -> ModelFile:
@@ -109,18 +116,21 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelFile, dict[str, Any] 
 
 def _check_fields(d: dict[str, Any], source: str) -> None:
     """Raise a ModelFileError naming the first field of a model file dict that is missing or of the wrong kind."""
+
     def numbers(v: object) -> bool:
         return isinstance(v, list | tuple) and len(v) == 3 and all(isinstance(x, int | float) for x in v)
 
     checks = {
         "arch": lambda v: v in ARCHS,
-        "widths": lambda v: isinstance(v, dict) and all(isinstance(k, str) and type(c) is int and c > 0
-                                                        for k, c in v.items()),
+        "widths": lambda v: (
+            isinstance(v, dict) and all(isinstance(k, str) and type(c) is int and c > 0 for k, c in v.items())
+        ),
         "num_classes": lambda v: type(v) is int and v > 0,
         "mean": numbers,
         "std": lambda v: numbers(v) and min(v) > 0,
-        "classes": lambda v: isinstance(v, list) and len(v) == d.get("num_classes")
-        and all(isinstance(c, str) for c in v),
+        "classes": lambda v: (
+            isinstance(v, list) and len(v) == d.get("num_classes") and all(isinstance(c, str) for c in v)
+        ),
         "state_dict": lambda v: isinstance(v, dict) and all(isinstance(t, Tensor) for t in v.values()),
         "meta": lambda v: isinstance(v, dict),
         "training": lambda v: v is None or isinstance(v, dict),
@@ -139,8 +149,11 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None
     optional = {k for k in ours if k.endswith("num_batches_tracked") or _is_shortcut_map(model, k)}
     problems = [f"missing {k}" for k in ours if k not in state and k not in optional]
     problems += [f"unexpected {k}" for k in state if k not in ours]
-    problems += [f"{k}: shape {tuple(v.shape)} where the model has {tuple(ours[k].shape)}"
-                 for k, v in state.items() if k in ours and not _is_shortcut_map(model, k) and v.shape != ours[k].shape]
+    problems += [
+        f"{k}: shape {tuple(v.shape)} where the model has {tuple(ours[k].shape)}"
+        for k, v in state.items()
+        if k in ours and not _is_shortcut_map(model, k) and v.shape != ours[k].shape
+    ]
     if problems:
         shown = "; ".join(problems[:12]) + (f"; … ({len(problems)} in all)" if len(problems) > 12 else "")
         raise ModelFileError(f"{source}: weights do not fit the architecture: {shown}")
@@ -166,8 +179,9 @@ def parse_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]
     return mean, std
 
 
-def import_weights(arch: str, weights: str | os.PathLike, normalize: str = "imagenet",
-                   classes: list[str] | None = None) -> ModelFile:
+def import_weights(
+    arch: str, weights: str | os.PathLike, normalize: str = "imagenet", classes: list[str] | None = None
+) -> ModelFile:
     """A model file from a third-party checkpoint: plain state_dict, or a dict holding `state_dict`.
 
     Accepts the `module.` prefix of DataParallel, the head named `linear` (public CIFAR ResNets) or `fc`
@@ -181,8 +195,7 @@ def import_weights(arch: str, weights: str | os.PathLike, normalize: str = "imag
     full = create_model(arch)
     # Pruned widths from the conv weights' shapes; a tensor of another rank keeps the full width, and the shape
     # check of _load_state lists it.
-    widths = {conv: _rows(state.get(f"{conv}.weight"), 4) or c
-              for conv, c in full.widths.items()}  # type: ignore[union-attr, operator]
+    widths = {conv: _rows(state.get(f"{conv}.weight"), 4) or c for conv, c in full.widths.items()}  # type: ignore[union-attr, operator]
     head = state.get("fc.weight", state.get("classifier.linear2.weight"))
     num_classes = _rows(head, 2) or get_arch(arch).num_classes
     model = create_model(arch, widths, num_classes)

@@ -45,8 +45,9 @@ def count_macs(model: nn.Module, example_inputs: Tensor) -> int:
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, input_size: int, batch_size: int, *, warmup: int = 3,
-                    repeats: int = 20) -> dict[str, float]:
+def measure_latency(
+    model: nn.Module, input_size: int, batch_size: int, *, warmup: int = 3, repeats: int = 20
+) -> dict[str, float]:
     """Median, min and max milliseconds of one eval-mode forward pass of a random batch."""
     model.eval()
     x = torch.randn(batch_size, 3, input_size, input_size, device=next(model.parameters()).device)

@@ -53,8 +53,7 @@ def resolve(arch_name: str, sparsity: str) -> list[float]:
     rates = parse_rates(sparsity)
     if len(rates) != arch.num_rates:
         presets = f"; presets: {', '.join(arch.presets)}" if arch.presets else ""
-        raise SparsityError(f"{arch_name} takes {arch.num_rates} rates ({arch.rate_layout}), "
-                            f"got {len(rates)}{presets}")
+        raise SparsityError(f"{arch_name} takes {arch.num_rates} rates ({arch.rate_layout}), got {len(rates)}{presets}")
     bad = [r for r in rates if not 0 <= r < 1]
     if bad:
         raise SparsityError(f"rates must be in [0, 1), got {bad[0]}")

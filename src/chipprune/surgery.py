@@ -16,8 +16,9 @@ def top_channels(scores: Tensor, k: int) -> Tensor:
     return order[:k].sort().values
 
 
-def select_channels(layers: list[ChannelLayer], scores: dict[str, Tensor], widths: dict[str, int],
-                    residual: str = "coupled") -> dict[str, Tensor]:
+def select_channels(
+    layers: list[ChannelLayer], scores: dict[str, Tensor], widths: dict[str, int], residual: str = "coupled"
+) -> dict[str, Tensor]:
     """The channels each conv keeps: its `widths[conv]` best by score.
 
     In `coupled` mode the layers of one residual group share one ranking (their summed scores), so every
@@ -39,8 +40,9 @@ def select_channels(layers: list[ChannelLayer], scores: dict[str, Tensor], width
     return {conv: top_channels(s, widths[conv]) for conv, s in ranking.items()}
 
 
-def prune(model: RegistryModel, scores: dict[str, Tensor], widths: dict[str, int],
-          residual: str = "coupled") -> RegistryModel:
+def prune(
+    model: RegistryModel, scores: dict[str, Tensor], widths: dict[str, int], residual: str = "coupled"
+) -> RegistryModel:
     """A registry model cut to `widths`, keeping the best-scored channels of each conv."""
     current = model.widths
     wider = [name for name, c in widths.items() if c > current[name]]

@@ -40,8 +40,15 @@ LOG_EVERY = 10  # steps between progress-bar updates: each one waits for the dev
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "curves.png")
 # What a checkpoint's training state holds (see _training_state), checked before a resume relies on it.
 TRAINING_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "step": int, "history": list, "best_top1": (float, type(None)), "partial": (dict, list), "config": dict,
-    "optimizer": dict, "scaler": dict, "rng": dict}
+    "step": int,
+    "history": list,
+    "best_top1": (float, type(None)),
+    "partial": (dict, list),
+    "config": dict,
+    "optimizer": dict,
+    "scaler": dict,
+    "rng": dict,
+}
 
 
 class TrainError(ValueError):
@@ -105,28 +112,36 @@ class Config:
 
 PRESETS = {
     # The authors' code and README; the paper's text says 300 epochs at batch 128 (docs/training.md).
-    "paper-cifar": Config(epochs=400, batch_size=256, lr=0.01, momentum=0.9, weight_decay=0.005,
-                          label_smoothing=0.0, warmup_epochs=5),
-    "paper-imagenet": Config(epochs=180, batch_size=256, lr=0.01, momentum=0.99, weight_decay=1e-4,
-                             label_smoothing=0.1, warmup_epochs=5),
-    "baseline-cifar": Config(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
-                             label_smoothing=0.0, warmup_epochs=0),
+    "paper-cifar": Config(
+        epochs=400, batch_size=256, lr=0.01, momentum=0.9, weight_decay=0.005, label_smoothing=0.0, warmup_epochs=5
+    ),
+    "paper-imagenet": Config(
+        epochs=180, batch_size=256, lr=0.01, momentum=0.99, weight_decay=1e-4, label_smoothing=0.1, warmup_epochs=5
+    ),
+    "baseline-cifar": Config(
+        epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, label_smoothing=0.0, warmup_epochs=0
+    ),
 }
 
 
-def load_data(source: str, val_source: str | None, subset: int | None, seed: int,
-              place: Place) -> tuple[ImageSplit, ImageSplit | None]:
+def load_data(
+    source: str, val_source: str | None, subset: int | None, seed: int, place: Place
+) -> tuple[ImageSplit, ImageSplit | None]:
     """The train split (a seeded subset of it, if asked) and the evaluation split, if there is one."""
     train = load_split(source, "train", progress=place.writer)
     if subset is not None:
         if subset > len(train) and place.writer:
-            warnings.warn(f"asked for {subset} training images, the train split has {len(train)}: using them all",
-                          stacklevel=2)
+            warnings.warn(
+                f"asked for {subset} training images, the train split has {len(train)}: using them all", stacklevel=2
+            )
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:subset].sort().values
-        train = replace(train, labels=train.labels[idx],
-                        images=None if train.images is None else train.images[idx],
-                        paths=None if train.paths is None else [train.paths[i] for i in idx.tolist()],
-                        spans=None if train.spans is None else train.spans[idx])
+        train = replace(
+            train,
+            labels=train.labels[idx],
+            images=None if train.images is None else train.images[idx],
+            paths=None if train.paths is None else [train.paths[i] for i in idx.tolist()],
+            spans=None if train.spans is None else train.spans[idx],
+        )
     try:
         test = load_split(val_source or source, "test", progress=place.writer)
     except MissingSplit as e:  # a damaged split is an error, not a reason to train without evaluation
@@ -149,16 +164,29 @@ def lr_at(step: int, cfg: Config, steps_per_epoch: int) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, decay)))
 
 
-def fit(mf: ModelFile, train: ImageSplit, test: ImageSplit | None, cfg: Config, run: Path, *,
-        resume: bool = False, place: Place = LOCAL, channels_last: bool = False, compile: bool = False,
-        workers: int = 0, progress: bool = True, about: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def fit(
+    mf: ModelFile,
+    train: ImageSplit,
+    test: ImageSplit | None,
+    cfg: Config,
+    run: Path,
+    *,
+    resume: bool = False,
+    place: Place = LOCAL,
+    channels_last: bool = False,
+    compile: bool = False,
+    workers: int = 0,
+    progress: bool = True,
+    about: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """Train mf's model on `train`, evaluating on `test` after each epoch, in the run folder; the metrics per epoch."""
     steps = len(train) // cfg.batch_size  # per epoch: the last partial batch is dropped
     if steps == 0:
         raise TrainError(f"the train split has {len(train)} images, fewer than one batch of {cfg.batch_size}")
     if cfg.batch_size % (place.world * cfg.accum):
-        raise TrainError(f"the batch of {cfg.batch_size} does not split into {place.world} processes "
-                         f"x {cfg.accum} micro-batches")
+        raise TrainError(
+            f"the batch of {cfg.batch_size} does not split into {place.world} processes x {cfg.accum} micro-batches"
+        )
     if cfg.sync_bn and place.world > 1 and place.device.type == "cpu":
         raise TrainError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on CPU")
     last = run / "last.pt"
@@ -174,10 +202,22 @@ def fit(mf: ModelFile, train: ImageSplit, test: ImageSplit | None, cfg: Config, 
         state = {"step": 0, "history": [], "best_top1": None, "partial": Tally()}
     if place.writer:
         _remove_stale_temps(run)
-        save_json({**(about or {}), "config": asdict(cfg), "processes": place.world, "device": str(place.device),
-                   "channels_last": channels_last, "compile": compile, "train_images": len(train),
-                   "test_images": len(test) if test else None, "steps_per_epoch": steps, "start_step": state["step"],
-                   "torch": torch.__version__}, run / "config.json")
+        save_json(
+            {
+                **(about or {}),
+                "config": asdict(cfg),
+                "processes": place.world,
+                "device": str(place.device),
+                "channels_last": channels_last,
+                "compile": compile,
+                "train_images": len(train),
+                "test_images": len(test) if test else None,
+                "steps_per_epoch": steps,
+                "start_step": state["step"],
+                "torch": torch.__version__,
+            },
+            run / "config.json",
+        )
 
     device = place.device
     if device.type == "cuda":
@@ -202,8 +242,15 @@ def fit(mf: ModelFile, train: ImageSplit, test: ImageSplit | None, cfg: Config, 
         net = cast(nn.Module, torch.compile(net))
 
     def save(path: Path, training: dict[str, Any] | None) -> None:
-        meta = {**mf.meta, "trained": {"epochs": len(state["history"]), "step": state["step"], "run": run.name,
-                                       "best_top1": state["best_top1"]}}
+        meta = {
+            **mf.meta,
+            "trained": {
+                "epochs": len(state["history"]),
+                "step": state["step"],
+                "run": run.name,
+                "best_top1": state["best_top1"],
+            },
+        }
         ModelFile(mf.arch, model, mf.mean, mf.std, mf.classes, meta).save(path, training)
 
     history: list[dict[str, Any]] = state["history"]
@@ -213,11 +260,27 @@ def fit(mf: ModelFile, train: ImageSplit, test: ImageSplit | None, cfg: Config, 
             # Rank 0 carries the sums of an epoch cut short; every process adds its own, summed at the end.
             sums = StepSums.starting_at(state["partial"] if place.writer else Tally(), device)
             before, began = state["partial"].seconds, time.perf_counter()
-            stream = mf.batches(train, cfg.batch_size, train=True, shuffle=True, seed=cfg.seed * 1_000_000 + epoch,
-                                workers=workers, drop_last=True, start=start, rank=place.rank, world=place.world,
-                                device=device)
-            bar = tqdm(stream, desc=f"epoch {epoch}/{cfg.epochs}", total=steps, initial=start, unit="step",
-                       disable=not progress or not place.writer)
+            stream = mf.batches(
+                train,
+                cfg.batch_size,
+                train=True,
+                shuffle=True,
+                seed=cfg.seed * 1_000_000 + epoch,
+                workers=workers,
+                drop_last=True,
+                start=start,
+                rank=place.rank,
+                world=place.world,
+                device=device,
+            )
+            bar = tqdm(
+                stream,
+                desc=f"epoch {epoch}/{cfg.epochs}",
+                total=steps,
+                initial=start,
+                unit="step",
+                disable=not progress or not place.writer,
+            )
             net.train()
             for done, (x, y) in enumerate(bar, 1):
                 if channels_last:
@@ -231,19 +294,27 @@ def fit(mf: ModelFile, train: ImageSplit, test: ImageSplit | None, cfg: Config, 
                     state["partial"] = sums.reduced(place, before + time.perf_counter() - began)
                     if place.writer:
                         save(last, _training_state(state, cfg, opt, scaler, device))
-                        print(f"stopped: saved {last} at epoch {epoch}, step {state['step']}; continue with --resume",
-                              file=sys.stderr)
+                        print(
+                            f"stopped: saved {last} at epoch {epoch}, step {state['step']}; continue with --resume",
+                            file=sys.stderr,
+                        )
                     barrier(place)  # no process may exit (and have torchrun end the others) before the save
                     raise KeyboardInterrupt
             bar.close()
             epoch_sums = sums.reduced(place, before + time.perf_counter() - began)
             top1, top5 = _evaluate(model, test, mf, cfg.batch_size, workers, place, progress)
-            history.append({"epoch": epoch, "lr": lr_at(epoch * steps - 1, cfg, steps),
-                            "train_loss": epoch_sums.loss / epoch_sums.images,
-                            "train_top1": 100 * epoch_sums.hits / epoch_sums.images,
-                            "test_top1": top1, "test_top5": top5,
-                            "images_per_s": epoch_sums.images / epoch_sums.seconds,
-                            "seconds": before + time.perf_counter() - began})
+            history.append(
+                {
+                    "epoch": epoch,
+                    "lr": lr_at(epoch * steps - 1, cfg, steps),
+                    "train_loss": epoch_sums.loss / epoch_sums.images,
+                    "train_top1": 100 * epoch_sums.hits / epoch_sums.images,
+                    "test_top1": top1,
+                    "test_top5": top5,
+                    "images_per_s": epoch_sums.images / epoch_sums.seconds,
+                    "seconds": before + time.perf_counter() - began,
+                }
+            )
             best = top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"])
             if best:
                 state["best_top1"] = top1
@@ -273,8 +344,16 @@ def _to(split: ImageSplit, device: torch.device) -> ImageSplit:
     return replace(split, images=split.images.to(device), labels=split.labels.to(device))
 
 
-def _step(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: Tensor, y: Tensor, lr: float,
-          cfg: Config, sums: StepSums) -> None:
+def _step(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    x: Tensor,
+    y: Tensor,
+    lr: float,
+    cfg: Config,
+    sums: StepSums,
+) -> None:
     """One optimizer step on a batch, its micro-batches' gradients added; adds the loss and hits to `sums`."""
     for group in opt.param_groups:
         group["lr"] = lr
@@ -289,16 +368,26 @@ def _step(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScal
     opt.zero_grad(set_to_none=True)
 
 
-def _evaluate(model: nn.Module, test: ImageSplit | None, mf: ModelFile, batch_size: int, workers: int, place: Place,
-              progress: bool) -> tuple[float | None, float | None]:
+def _evaluate(
+    model: nn.Module,
+    test: ImageSplit | None,
+    mf: ModelFile,
+    batch_size: int,
+    workers: int,
+    place: Place,
+    progress: bool,
+) -> tuple[float | None, float | None]:
     """Test top-1 and top-5 over all the processes' shares of the split; None without a split."""
     if test is None:
         return None, None
     broadcast_buffers(model, place)  # DDP left each process with BatchNorm statistics of its own share
     stream = mf.batches(test, batch_size, workers=workers, rank=place.rank, world=place.world, device=place.device)
     r = evaluate(model, stream, device=place.device, progress=progress and place.writer)
-    counts = torch.tensor([r["top1"] * r["images"] / 100, r["top5"] * r["images"] / 100, r["images"]],
-                          dtype=torch.float64, device=place.device)
+    counts = torch.tensor(
+        [r["top1"] * r["images"] / 100, r["top5"] * r["images"] / 100, r["images"]],
+        dtype=torch.float64,
+        device=place.device,
+    )
     all_reduce(counts, place)
     top1, top5, images = counts.round().tolist()
     return 100 * top1 / images, 100 * top5 / images
@@ -323,14 +412,21 @@ def _resume(last: Path, cfg: Config) -> tuple[ModelFile, dict[str, Any]]:
     return mf, state
 
 
-def _training_state(state: dict[str, Any], cfg: Config, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    device: torch.device) -> dict[str, Any]:
+def _training_state(
+    state: dict[str, Any], cfg: Config, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device
+) -> dict[str, Any]:
     """All a checkpoint needs to go on exactly: tensors, numbers, strings, lists and dicts only."""
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    return {**state, "partial": asdict(state["partial"]), "config": asdict(cfg), "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng}
+    return {
+        **state,
+        "partial": asdict(state["partial"]),
+        "config": asdict(cfg),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng,
+    }
 
 
 def _set_rng_states(rng: dict[str, Tensor], device: torch.device) -> None:

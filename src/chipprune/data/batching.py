@@ -58,8 +58,12 @@ def batches(
     else:
         seeds = torch.randint(2**62, (len(order),), generator=g)  # one per image: the same whatever `workers`
         dataset = _LazyImages(data, order, seeds, train, image_size)
-        loader = DataLoader(dataset, batch_sampler=[list(range(lo, hi)) for lo, hi in spans], num_workers=workers,
-                            pin_memory=device.type == "cuda")
+        loader = DataLoader(
+            dataset,
+            batch_sampler=[list(range(lo, hi)) for lo, hi in spans],
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+        )
         raw = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in _one_line_errors(loader))
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)

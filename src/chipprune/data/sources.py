@@ -128,9 +128,7 @@ def _read_folder(root: Path, split: str, progress: bool) -> ImageSplit:
     if not names:
         raise MissingSplit(f"no {split!r} split in {root} (found: {', '.join(present) or 'nothing'})")
     split_dir, other = root / names[0], _other_split(names[0], present)
-    groups = {
-        d.name: sorted(p for p in d.iterdir() if p.is_file() and _is_image(p.name)) for d in _dirs(split_dir)
-    }
+    groups = {d.name: sorted(p for p in d.iterdir() if p.is_file() and _is_image(p.name)) for d in _dirs(split_dir)}
     others = {d.name for d in _dirs(root / other)} if other else None
     classes, files, labels = _flatten(groups, others, str(split_dir))
     stream = ((i, _file_bytes(p), str(p)) for i, p in enumerate(files))
@@ -156,9 +154,7 @@ def _read_archives(archives: list[Path], split: str, progress: bool) -> ImageSpl
                 if "batches.meta" in base:
                     # Read in archive order: one pass through a compressed archive.
                     needed = _cifar_files(split)
-                    files = {
-                        n: _member_bytes(tar, m) for n, m in zip(base, members, strict=True) if n in needed
-                    }
+                    files = {n: _member_bytes(tar, m) for n, m in zip(base, members, strict=True) if n in needed}
                     return _cifar(files, str(path), split)
                 tree = _member_tree(members)
                 names = [s for s in SPLITS[split] if s in tree]
@@ -216,9 +212,7 @@ def _other_split(split: str, present: list[str]) -> str | None:
     return next((s for s in (("test", "val") if split == "train" else ("train",)) if s in present), None)
 
 
-def _flatten(
-    groups: dict[str, list[T]], others: set[str] | None, where: str
-) -> tuple[list[str], list[T], Tensor]:
+def _flatten(groups: dict[str, list[T]], others: set[str] | None, where: str) -> tuple[list[str], list[T], Tensor]:
     """Sorted classes, images in class order and their labels, after checking every class has images."""
     classes = sorted(groups)
     if not classes:
@@ -229,12 +223,8 @@ def _flatten(
     if others and others != set(classes):  # an other split without class folders is not comparable
         diff = sorted(others ^ set(classes))
         more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
-        raise DataError(
-            f"class folders of {where} differ from the other split's: {', '.join(diff[:5])}{more}"
-        )
-    labels = torch.repeat_interleave(
-        torch.arange(len(classes)), torch.tensor([len(groups[c]) for c in classes])
-    )
+        raise DataError(f"class folders of {where} differ from the other split's: {', '.join(diff[:5])}{more}")
+    labels = torch.repeat_interleave(torch.arange(len(classes)), torch.tensor([len(groups[c]) for c in classes]))
     return classes, [x for c in classes for x in groups[c]], labels
 
 
@@ -277,9 +267,7 @@ def _decode(raw: bytes, name: str) -> Image.Image:
         raise DataError(f"cannot decode image {name}: {reason(e)}") from None
 
 
-def _decode_small(
-    stream: Iterator[tuple[int, bytes, str]], n: int, desc: str, progress: bool
-) -> Tensor | None:
+def _decode_small(stream: Iterator[tuple[int, bytes, str]], n: int, desc: str, progress: bool) -> Tensor | None:
     """Decode (index, bytes, name) images to uint8 [n, 3, H, W]; None (early) unless all are <= SMALL px.
 
     Small images are kept as one tensor, used as they are (no resize): they must all be one size. A mix of sizes
@@ -302,8 +290,10 @@ def _decode_small(
             continue
         out[i] = np.asarray(img)
     if odd is not None:
-        raise DataError(f"images of {SMALL} px or less are used unresized, so must all be one size: "
-                        f"{first} is {_wxh(size)}, {odd[0]} is {_wxh(odd[1])}")
+        raise DataError(
+            f"images of {SMALL} px or less are used unresized, so must all be one size: "
+            f"{first} is {_wxh(size)}, {odd[0]} is {_wxh(odd[1])}"
+        )
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
@@ -345,11 +335,7 @@ def _unpickle(files: dict[str, bytes], name: str, where: str) -> dict[str, Any]:
         raise DataError(f"refusing to load {file}: {e}") from None
     except Exception as e:  # a corrupt pickle can fail in many ways: UnpicklingError, EOFError, KeyError, ...
         raise DataError(f"corrupt CIFAR-10 batch {file}: {type(e).__name__}: {reason(e)}") from None
-    batch = (
-        {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
-        if isinstance(obj, dict)
-        else {}
-    )
+    batch = {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()} if isinstance(obj, dict) else {}
     if not all(k in batch for k in keys):
         raise DataError(f"{file} is not a CIFAR-10 batch: expected a dict with keys {', '.join(keys)}")
     return batch
@@ -369,9 +355,7 @@ def _cifar(files: dict[str, bytes], where: str, split: str) -> ImageSplit:
     missing = [n for n in (meta, *names) if n not in files]
     if missing:
         raise DataError(f"missing CIFAR-10 file {missing[0]} in {where}")
-    classes = [
-        n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(files, meta, where)["label_names"]
-    ]
+    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(files, meta, where)["label_names"]]
     images: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     for name in names:
@@ -380,9 +364,7 @@ def _cifar(files: dict[str, bytes], where: str, split: str) -> ImageSplit:
         if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)):
             raise DataError(f"{where}/{name} is not a CIFAR-10 batch: its data is not uint8 [N, 3072]")
         if not (y.shape == (len(data),) and y.dtype.kind in "iu" and ((y >= 0) & (y < len(classes))).all()):
-            raise DataError(
-                f"{where}/{name} is not a CIFAR-10 batch: expected {len(data)} labels < {len(classes)}"
-            )
+            raise DataError(f"{where}/{name} is not a CIFAR-10 batch: expected {len(data)} labels < {len(classes)}")
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(y)
     y_all = torch.from_numpy(np.concatenate(labels).astype(np.int64))
@@ -398,9 +380,7 @@ def _cache_file(path: Path, split: str, cache_dir: str | os.PathLike | None) -> 
     key: list[object] = [CACHE_VERSION, str(path), split, st.st_size, st.st_mtime_ns]
     if path.is_dir():
         key += sorted((e.name, *_size_mtime(e.path)) for e in os.scandir(path))
-    root = Path(
-        cache_dir or os.environ.get("CHIP_CACHE_DIR") or Path.home() / ".cache/chipprune"
-    ).expanduser()
+    root = Path(cache_dir or os.environ.get("CHIP_CACHE_DIR") or Path.home() / ".cache/chipprune").expanduser()
     return root / f"{path.name}-{split}-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}.pt"
 
 
@@ -444,11 +424,20 @@ def _cached_split(d: object) -> ImageSplit | None:
     if not isinstance(d, dict):
         return None
     classes, labels, images = d.get("classes"), d.get("labels"), d.get("images")
-    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-            and isinstance(labels, Tensor) and isinstance(images, Tensor)):
+    if not (
+        isinstance(classes, list)
+        and all(isinstance(c, str) for c in classes)
+        and isinstance(labels, Tensor)
+        and isinstance(images, Tensor)
+    ):
         return None
-    if not (images.dtype == torch.uint8 and images.dim() == 4 and images.shape[1] == 3
-            and labels.dtype == torch.int64 and labels.shape == images.shape[:1]
-            and (len(labels) == 0 or 0 <= int(labels.min()) <= int(labels.max()) < len(classes))):
+    if not (
+        images.dtype == torch.uint8
+        and images.dim() == 4
+        and images.shape[1] == 3
+        and labels.dtype == torch.int64
+        and labels.shape == images.shape[:1]
+        and (len(labels) == 0 or 0 <= int(labels.min()) <= int(labels.max()) < len(classes))
+    ):
         return None
     return ImageSplit(classes, labels, images)

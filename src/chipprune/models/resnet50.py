@@ -54,8 +54,16 @@ class ResNet50(RegistryModel):
         for s, (blocks, _, stride) in enumerate(STAGES):
             for b in range(blocks):
                 name = f"layer{s + 1}.{b}"
-                stages[s].append(Bottleneck(w[prev], w[f"{name}.conv1"], w[f"{name}.conv2"], w[f"{name}.conv3"],
-                                            stride if b == 0 else 1, project=b == 0))
+                stages[s].append(
+                    Bottleneck(
+                        w[prev],
+                        w[f"{name}.conv1"],
+                        w[f"{name}.conv2"],
+                        w[f"{name}.conv3"],
+                        stride if b == 0 else 1,
+                        project=b == 0,
+                    )
+                )
                 prev = f"{name}.conv3"
         self.layer1, self.layer2, self.layer3, self.layer4 = (nn.Sequential(*blocks) for blocks in stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -69,16 +77,21 @@ class ResNet50(RegistryModel):
     def blocks(self) -> dict[str, Bottleneck]:
         """The blocks by name, in forward order."""
         stages = (self.layer1, self.layer2, self.layer3, self.layer4)
-        return {f"layer{s + 1}.{b}": cast(Bottleneck, block) for s, stage in enumerate(stages)
-                for b, block in enumerate(stage)}
+        return {
+            f"layer{s + 1}.{b}": cast(Bottleneck, block)
+            for s, stage in enumerate(stages)
+            for b, block in enumerate(stage)
+        }
 
     def channel_layers(self) -> list[ChannelLayer]:
         """Prunable convs: the stem, each block's inner convs, and its output conv (with its projection)."""
         layers = [ChannelLayer("conv1", "relu")]
         for name in self.blocks():
-            layers += [ChannelLayer(f"{name}.conv1", f"{name}.relu1"),
-                       ChannelLayer(f"{name}.conv2", f"{name}.relu2"),
-                       ChannelLayer(f"{name}.conv3", f"{name}.relu3", name.split(".")[0].replace("layer", "stage"))]
+            layers += [
+                ChannelLayer(f"{name}.conv1", f"{name}.relu1"),
+                ChannelLayer(f"{name}.conv2", f"{name}.relu2"),
+                ChannelLayer(f"{name}.conv3", f"{name}.relu3", name.split(".")[0].replace("layer", "stage")),
+            ]
         return layers
 
     def prune(self, keep: dict[str, Tensor], positional_shortcuts: bool = False) -> ResNet50:
@@ -123,8 +136,7 @@ def widths_for_rates(rates: list[float]) -> dict[str, int]:
     for s, (blocks, out, _) in enumerate(STAGES):
         for b in range(blocks):
             name, mid = f"layer{s + 1}.{b}", paper_width(out // 4, rates[4 + block])
-            widths |= {f"{name}.conv1": mid, f"{name}.conv2": mid,
-                       f"{name}.conv3": paper_width(out, stage_rates[s])}
+            widths |= {f"{name}.conv1": mid, f"{name}.conv2": mid, f"{name}.conv3": paper_width(out, stage_rates[s])}
             block += 1
     return widths
 

@@ -52,8 +52,11 @@ class ChannelShortcut(nn.Module):
         """This map after keeping input channels `inp` and output channels `out` (indices into the old ones)."""
         pos_in = {c: i for i, c in enumerate(inp.tolist())}
         pos_out = {c: i for i, c in enumerate(out.tolist())}
-        pairs = [(pos_in[s], pos_out[d]) for s, d in zip(self.src.tolist(), self.dst.tolist(), strict=True)
-                 if s in pos_in and d in pos_out]
+        pairs = [
+            (pos_in[s], pos_out[d])
+            for s, d in zip(self.src.tolist(), self.dst.tolist(), strict=True)
+            if s in pos_in and d in pos_out
+        ]
         src, dst = zip(*pairs, strict=True) if pairs else ((), ())
         return torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
 
@@ -124,16 +127,21 @@ class ResNetCifar(RegistryModel):
     def blocks(self) -> dict[str, BasicBlock]:
         """The blocks by name, in forward order."""
         stages = (self.layer1, self.layer2, self.layer3)
-        return {f"layer{s + 1}.{b}": cast(BasicBlock, block) for s, stage in enumerate(stages)
-                for b, block in enumerate(stage)}
+        return {
+            f"layer{s + 1}.{b}": cast(BasicBlock, block)
+            for s, stage in enumerate(stages)
+            for b, block in enumerate(stage)
+        }
 
     def channel_layers(self) -> list[ChannelLayer]:
         """Prunable convs: the stem and every block's two convs; the stem adds into stage 1 through identities."""
         layers = [ChannelLayer("conv1", "relu", "stage1")]
         for name in self.blocks():
             stage = name.split(".")[0].replace("layer", "stage")
-            layers += [ChannelLayer(f"{name}.conv1", f"{name}.relu1"),
-                       ChannelLayer(f"{name}.conv2", f"{name}.relu2", stage)]
+            layers += [
+                ChannelLayer(f"{name}.conv1", f"{name}.relu1"),
+                ChannelLayer(f"{name}.conv2", f"{name}.relu2", stage),
+            ]
         return layers
 
     def prune(self, keep: dict[str, Tensor], positional_shortcuts: bool = False) -> ResNetCifar:

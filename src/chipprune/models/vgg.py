@@ -33,12 +33,16 @@ class VGG(RegistryModel):
             in_channels = out
         self.features = nn.Sequential(features)
         self.avgpool = nn.AvgPool2d(2)
-        self.classifier = nn.Sequential(OrderedDict([
-            ("linear1", nn.Linear(in_channels, 512)),
-            ("norm1", nn.BatchNorm1d(512)),
-            ("relu1", nn.ReLU(inplace=True)),
-            ("linear2", nn.Linear(512, num_classes)),
-        ]))
+        self.classifier = nn.Sequential(
+            OrderedDict(
+                [
+                    ("linear1", nn.Linear(in_channels, 512)),
+                    ("norm1", nn.BatchNorm1d(512)),
+                    ("relu1", nn.ReLU(inplace=True)),
+                    ("linear2", nn.Linear(512, num_classes)),
+                ]
+            )
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
