@@ -10,6 +10,7 @@
     python experiments/reproduce.py all [--deadline HH:MM]     # all of the above, in order of importance
     python experiments/reproduce.py latency [--threads 1,2]    # CPU latency, batch 1 and 64 (run on a quiet machine)
     python experiments/reproduce.py no-finetune                # stage a from the public weights, not the adapted base
+    python experiments/reproduce.py knobs                      # distillation (A, T) and bf16 vs fp32, 1-epoch recovery
 
 Every step calls the documented `chip` commands through subprocess (with OMP_NUM_THREADS=1 unless set), appends one
 JSON line per result to results/reproduce/*.jsonl (with the command lines and wall seconds), and skips results
@@ -55,8 +56,16 @@ GROUPS = [
     ("paper-2", "paper"),
 ]
 RECAL_BATCHES = 4  # stage b: --recalibrate-bn 4 (x 128 training images)
+# Stage c and the baseline ran in float32, before `--amp auto` made bf16 the default on this CPU.
 FT_ARGS = ["--preset", "paper-cifar", "--epochs", "1", "--warmup-epochs", "0", "--train-subset", "5000", "--seed", "0"]
+FT_ARGS += ["--amp", "off"]
 BASE_FT_ARGS = ["--preset", "paper-cifar", "--epochs", "1", "--warmup-epochs", "0", "--lr", "0.01", "--seed", "0"]
+BASE_FT_ARGS += ["--amp", "off"]
+RECOVERY = Path("results/recovery")
+# The knobs of a short recovery of the CHIP paper-1 ResNet-56: one epoch over 20,000 training images each.
+KNOB_ARGS = ["--preset", "paper-cifar", "--epochs", "1", "--warmup-epochs", "0", "--train-subset", "20000"]
+KD_GRID = [(0.5, 2.0), (0.5, 4.0), (0.9, 2.0), (0.9, 4.0)]  # (--kd-weight, --kd-temperature)
+SEEDS = (0, 1, 2)
 CALIB_SIZES = {16: (1, 16), 64: (1, 64), 128: (1, 128), 640: (5, 128), 2560: (20, 128)}  # N: (batches, batch size)
 CALIB_SEEDS = (0, 1)
 CALIB_CONFIGS = ("paper-1", "inner-only")
@@ -384,6 +393,33 @@ def step_finetune(ctx: Ctx, selected: str | None = None) -> None:
             )
 
 
+def step_knobs(ctx: Ctx) -> None:
+    """Distillation weight and temperature against none, and bf16 against float32, on the CHIP paper-1 model."""
+    step_baseline(ctx, "resnet56")
+    step_scores(ctx)
+    model = model_path("paper-1", "coupled", "chip", 0, "a")
+    if not model.exists():
+        prune("paper-1", "coupled", "chip", 0, "a", ctx)
+    log = RECOVERY / "knobs.jsonl"
+    teacher = ["--teacher", str(BASE)]
+    # Without a teacher, bf16 against float32; the bf16 runs are also the "no distillation" row of the grid.
+    runs = [({"knob": "precision", "amp": "bf16", "seed": s}, ["--amp", "bf16"]) for s in SEEDS]
+    runs += [
+        ({"knob": "kd", "kd_weight": a, "kd_temperature": t, "seed": s},
+         ["--amp", "bf16", *teacher, "--kd-weight", str(a), "--kd-temperature", str(t)])
+        for a, t in KD_GRID for s in SEEDS[:2]
+    ]  # fmt: skip
+    runs += [({"knob": "precision", "amp": "off", "seed": s}, ["--amp", "off"]) for s in SEEDS]
+    for key, extra in runs:
+        if logged(log, **key):
+            continue
+        ctx.check()
+        run_dir = RUNS / "knobs" / "-".join(f"{k}{v}" for k, v in key.items())
+        m, wall, line = finetune(model, run_dir, ctx, [*KNOB_ARGS, "--seed", str(key["seed"]), *extra])
+        append(log, {**key, "top1": m["test_top1"], "top5": m["test_top5"], "train_loss": m["train_loss"],
+                     "images_per_s": m["images_per_s"], "wall_s": wall, "commands": [line]})  # fmt: skip
+
+
 def step_calibration(ctx: Ctx) -> None:
     """CHIP with N calibration images (seeds 0, 1): top-1 right after pruning and after --recalibrate-bn 4."""
     need(BASE, "baseline")
@@ -643,6 +679,7 @@ def main() -> None:
             "calibration",
             "latency",
             "no-finetune",
+            "knobs",
             "all",
         ],
     )
@@ -666,6 +703,7 @@ def main() -> None:
         "calibration": lambda: step_calibration(ctx),
         "latency": lambda: step_latency(ctx, [int(t) for t in args.threads.split(",")], args.repeats),
         "no-finetune": lambda: step_no_finetune(ctx),
+        "knobs": lambda: step_knobs(ctx),
         "all": lambda: step_all(ctx, args),
     }
     try:

@@ -129,7 +129,7 @@ def test_fewer_images_than_asked_warns_and_uses_them(capsys, workdir):
         ),
         (
             ["prune", "{d}/r20.pt", "--criterion", "l1", "--sparsity", "[0.]*12", "--global", "--out", "{d}/x.pt"],
-            "--global and --round-to apply to --flops-target",
+            "--global applies to --flops-target",
         ),
         (
             [
@@ -242,3 +242,17 @@ def test_a_warning_is_one_plain_line_on_stderr(capsys, monkeypatch):
     monkeypatch.setattr(cli, "cmd_profile", lambda args: warnings.warn("careful", stacklevel=1))
     code, out, err = run(capsys, "profile", "--arch", "resnet20")
     assert code == 0 and out == "" and err == "chip profile: warning: careful\n"
+
+
+def test_prune_to_a_sparsity_with_round_to_reports_the_rounding(capsys, workdir, tmp_path):
+    rates = "[0.]+[0.15]*2+[0.4]*9"
+    code, out, _ = run(capsys, "prune", workdir / "r20.pt", "--criterion", "l1", "--sparsity", rates, "--round-to", "8",
+                       "--out", tmp_path / "r.pt", "--json")  # fmt: skip
+    assert code == 0
+    result = json.loads(out)
+    assert result["round_to"] == 8 and {(r["floor"], r["kept"]) for r in result["rounded"]} == {
+        (9, 8), (13, 16), (19, 16), (27, 24), (38, 40)}  # fmt: skip
+    widths = load_model(tmp_path / "r.pt").model.widths
+    assert all(c % 8 == 0 for c in widths.values())
+    code, out, _ = run(capsys, "profile", "--arch", "resnet20", "--sparsity", rates, "--round-to", "8", "--json")
+    assert code == 0 and json.loads(out)["flops"] == result["flops"]

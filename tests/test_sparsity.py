@@ -3,7 +3,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chipprune.models import ARCHS
-from chipprune.sparsity import SparsityError, format_rates, parse_rates, resolve, widths
+from chipprune.sparsity import (
+    Rounded,
+    SparsityError,
+    format_rates,
+    full_widths,
+    parse_rates,
+    resolve,
+    rounding,
+    widths,
+)
 
 
 def test_paper_syntax_expands_runs():
@@ -67,3 +76,33 @@ def test_unknown_preset_lists_the_known_ones():
         resolve("resnet56", "paper-9")
     with pytest.raises(SparsityError, match="presets: none"):
         resolve("resnet20", "paper-1")
+
+
+@pytest.mark.parametrize("arch", ["resnet56", "resnet110", "vgg16_bn", "resnet50"])
+@pytest.mark.parametrize("n", [1, 8, 16, 48])
+def test_round_to_keeps_multiples_never_zero_never_above_the_layer(arch, n):
+    for preset in ARCHS[arch].presets:
+        floor, full, kept = widths(arch, preset), full_widths(arch), widths(arch, preset, n)
+        for name, c in kept.items():
+            assert 1 <= c <= full[name]
+            assert c % n == 0 or c == full[name], "a multiple of n, or the whole layer"
+            assert abs(c - floor[name]) <= n / 2 or c in (n, full[name]), "the nearest multiple"
+
+
+def test_round_to_matches_the_hand_computed_paper_1_widths():
+    kept = widths("resnet56", "paper-1", 8)
+    assert (kept["conv1"], kept["layer1.0.conv2"], kept["layer2.0.conv2"]) == (16, 16, 24)
+    assert (kept["layer1.0.conv1"], kept["layer2.0.conv1"], kept["layer3.0.conv1"]) == (8, 16, 40)
+    assert rounding("resnet56", "paper-1", 16) == [
+        Rounded(9, 16, 9),
+        Rounded(13, 16, 9),
+        Rounded(19, 16, 9),
+        Rounded(27, 32, 9),
+        Rounded(38, 32, 9),
+    ]
+
+
+def test_round_to_rescues_a_layer_the_floor_would_empty():
+    with pytest.raises(SparsityError, match="leaves no channels"):
+        widths("resnet20", "[0.99]*12")
+    assert min(widths("resnet20", "[0.99]*12", 8).values()) == 8

@@ -1,28 +1,34 @@
 """Tests for chipprune.train and `chip finetune` / `chip train`: the run folder, exact resume, torchrun, and
 distributed calibration, on a tiny synthetic image folder and ResNet-20."""
 
+import itertools
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
+from chipprune import train
 from chipprune.calibrate import score_layers
 from chipprune.cli import main
 from chipprune.criteria import CHIP
 from chipprune.data import batches, load_split
-from chipprune.modelfile import load_model
+from chipprune.fileio import sha256
+from chipprune.modelfile import CIFAR10_CLASSES, ModelFile, load_model
 from chipprune.models import create_model
-from chipprune.train import PRESETS, Config, lr_at
+from chipprune.train import PRESETS, Config, distillation_loss, lr_at
 from images import make_workdir
 
 LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"}  # gloo between the test's processes on this machine only
@@ -240,6 +246,122 @@ def test_killed_then_stopped_run_resumes_to_bit_identical_weights(work, tmp_path
     straight, resumed = weights(tmp_path / "straight" / "last.pt"), weights(run / "last.pt")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), "bit for bit"
     assert metrics(run) == metrics(tmp_path / "straight")
+
+
+# ---- distillation ------------------------------------------------------------------------------------------
+
+
+def test_distillation_loss_is_the_weighted_sum_of_tempered_kl_and_cross_entropy():
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(6, 10), 3 * torch.randn(6, 10), torch.randint(0, 10, (6,))
+    cfg = replace(PRESETS["paper-cifar"], kd_weight=0.7, kd_temperature=4.0)
+    p = torch.softmax(teacher / 4, 1)
+    kl = (p * (p.log() - torch.log_softmax(student / 4, 1))).sum() / 6  # KL(teacher || student), by hand
+    ce = -torch.log_softmax(student, 1)[torch.arange(6), labels].mean()
+    expected = 0.7 * 16 * kl + 0.3 * ce
+    torch.testing.assert_close(distillation_loss(student, teacher, labels, cfg), expected)
+    torch.testing.assert_close(distillation_loss(student, None, labels, cfg), F.cross_entropy(student, labels))
+    same = distillation_loss(student, student, labels, cfg)
+    torch.testing.assert_close(same, 0.3 * ce), "a student equal to its teacher pays only the hard term"
+
+
+@pytest.fixture
+def pruned(work, tmp_path, capsys):
+    """A ResNet-20 pruned by `chip prune` from work/r20.pt (which it records as its parent), in tmp_path."""
+    args = ["prune", work / "r20.pt", "--criterion", "l1", "--sparsity", "[0.]*3+[0.5]*9", "--out", tmp_path / "p.pt"]
+    assert main([str(a) for a in args]) == 0
+    capsys.readouterr()
+    return tmp_path / "p.pt"
+
+
+def test_a_pruned_file_records_its_parent_and_finetune_distills_from_it(work, pruned, tmp_path, capsys):
+    parent = load_model(pruned).meta["pruned"]
+    assert parent["parent_path"] == str((work / "r20.pt").resolve()) and parent["parent_sha256"] == sha256(
+        work / "r20.pt"
+    )
+    args = finetune_args(work, tmp_path / "run", "--epochs", "1", "--train-subset", "64", "--teacher", "parent")
+    args[1] = str(pruned)
+    assert main(args) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["teacher"] == {"path": parent["parent_path"], "sha256": parent["parent_sha256"]}
+    assert config["config"]["teacher"] == parent["parent_sha256"]
+    assert (config["config"]["kd_weight"], config["config"]["kd_temperature"]) == (
+        train.KD_WEIGHT,
+        train.KD_TEMPERATURE,
+    )
+    assert capsys.readouterr().err.count("precision: ") == 1
+
+
+def stop_after(steps):
+    """A stand-in for train._stop_requests that asks the loop to stop after `steps` steps, as SIGTERM would."""
+
+    @contextmanager
+    def requests():
+        calls = itertools.count(1)
+        yield lambda: next(calls) == steps
+
+    return requests
+
+
+def test_a_distilled_run_resumes_bit_for_bit(work, pruned, tmp_path, monkeypatch):
+    def args(run):
+        a = finetune_args(
+            work, tmp_path / run, "--epochs", "2", "--train-subset", "128", "--teacher", str(work / "r20.pt")
+        )
+        a[1] = str(pruned)
+        return [*a, "--kd-weight", "0.6", "--kd-temperature", "3"]
+
+    assert main(args("straight")) == 0
+    monkeypatch.setattr(train, "_stop_requests", stop_after(6))  # within epoch 2 (4 steps each)
+    assert main(args("run")) == 130
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["training"]["step"] == 6
+    assert main([*args("run"), "--resume"]) == 0
+    straight, resumed = weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "run" / "last.pt")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight), "bit for bit"
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "straight")
+
+
+def test_distillation_refuses_what_it_cannot_use(work, pruned, tmp_path, capsys):
+    def finetune(*extra):
+        a = finetune_args(work, tmp_path / "run", "--epochs", "1", "--train-subset", "32", *extra)
+        a[1] = str(pruned)
+        code = main(a)
+        return code, capsys.readouterr().err
+
+    assert finetune("--kd-weight", "0.5") == (
+        2,
+        "chip finetune: error: --kd-weight and --kd-temperature apply to --teacher\n",
+    )
+    other = tmp_path / "other.pt"
+    ModelFile("resnet20", create_model("resnet20"), (0.5,) * 3, (0.5,) * 3, list(CIFAR10_CLASSES)).save(other)
+    code, err = finetune("--teacher", str(other))
+    assert code == 2 and "takes other inputs or gives other classes" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):  # argparse: A is in [0, 1]
+        finetune("--teacher", "parent", "--kd-weight", "1.5")
+    assert finetune("--teacher", str(work / "r20.pt"))[0] == 0
+    code, err = finetune("--teacher", str(pruned), "--resume")
+    assert code == 2 and "was made with teacher" in err, "a resumed run distills from the same model"
+
+
+def test_teacher_parent_needs_the_parent_as_it_was(work, tmp_path, capsys):
+    parent, child = tmp_path / "parent.pt", tmp_path / "child.pt"
+    shutil.copy(work / "r20.pt", parent)
+    assert main(["prune", str(parent), "--criterion", "l1", "--sparsity", "[0.]*3+[0.5]*9", "--out", str(child)]) == 0
+    a = finetune_args(work, tmp_path / "run", "--epochs", "1", "--train-subset", "32", "--teacher", "parent")
+    a[1] = str(child)
+    parent.touch()  # the same bytes: still the parent
+    assert main([*a, "--out-dir", str(tmp_path / "ok")]) == 0
+    ModelFile("resnet20", create_model("resnet20"), (0.5,) * 3, (0.25,) * 3, list(CIFAR10_CLASSES)).save(parent)
+    capsys.readouterr()
+    assert main(a) == 2
+    assert capsys.readouterr().err.endswith(
+        f"the parent of {child}, {parent}, is gone or has changed since: give --teacher FILE\n"
+    )
+    parent.unlink()
+    assert main(a) == 2 and "is gone or has changed" in capsys.readouterr().err
+    a[1] = str(work / "r20.pt")
+    assert main(a) == 2 and "records no parent" in capsys.readouterr().err
 
 
 # ---- many processes ----------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import warnings
@@ -22,13 +23,14 @@ from .data import DataError, ImageSplit, load_split
 from .distributed import Place, distributed, launched
 from .evaluate import evaluate
 from .export import FORMATS, ExportError, export
-from .fileio import save_json
+from .fileio import save_json, sha256
 from .graph import prune_model
 from .modelfile import ModelFile, ModelFileError, import_weights, load_model, parse_normalization
 from .models import ARCHS, RegistryModel, create_model, get_arch
+from .precision import AMP_CHOICES, choose
 from .profile import count_flops, count_params, measure_latency
 from .surgery import RESIDUAL_MODES, prune
-from .train import AMP, PRESETS, Config, TrainError, fit, load_data
+from .train import KD_TEMPERATURE, KD_WEIGHT, PRESETS, Config, Teacher, TrainError, fit, load_data, load_teacher
 
 SCORES_FORMAT = "chipprune-scores/1"
 
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="a chipprune model file (instead of --arch)")
     p.add_argument("--arch", choices=list(ARCHS), help="a registry architecture")
     p.add_argument("--sparsity", help="rates ('[0.]+[0.15]*2+[0.4]*27', '0,0.1,…') or a preset ('paper-1')")
+    p.add_argument("--round-to", type=_positive, metavar="N", help="with --sparsity: widths at multiples of N")
     p.add_argument("--latency", action="store_true", help="also measure eval-mode latency on --device")
     p.add_argument("--batch-sizes", type=_batch_sizes, default="1,64", help="batch sizes for --latency")
     p.add_argument("--threads", type=_positive, help="CPU threads for --latency (default: torch's)")
@@ -146,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --flops-target: rank all groups' channels together (the layers that matter keep more)",
     )
     p.add_argument(
-        "--round-to", type=_positive, metavar="N", help="with --flops-target: keep channel counts at multiples of N"
+        "--round-to",
+        type=_positive,
+        metavar="N",
+        help="keep channel counts at multiples of N (with --sparsity: each width rounded to the nearest, at least N "
+        "and at most the layer's; see docs/performance.md for what it buys)",
     )
     p.add_argument("--out", required=True, help="the pruned model file to write")
     p.add_argument("--scores", help="scores JSON from `chip score` (skips calibration; with --sparsity)")
@@ -177,12 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive, help="evaluate only the first N images")
     p.add_argument("--workers", type=int, default=0, help="loader processes for large images")
     p.add_argument("--device", default=_default_device(), help="torch device")
+    _add_precision_options(p)
     p.add_argument("--json", action="store_true", help="print JSON to stdout")
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("finetune", help="fine-tune a (pruned) model file; also under torchrun", formatter_class=fmt)
     p.add_argument("model", help="a chipprune model file (with --resume, the run's last.pt holds the weights)")
     _add_training_options(p, "paper-cifar, or paper-imagenet for 224-px architectures")
+    _add_teacher_options(p)
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser(
@@ -256,18 +265,7 @@ def _add_training_options(p: argparse.ArgumentParser, default_preset: str) -> No
         help="micro-batches per batch, gradients added: less memory; BatchNorm sees each micro-batch",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt, exactly")
-    p.add_argument(
-        "--amp",
-        choices=list(AMP),
-        default="bf16" if torch.cuda.is_available() else "off",
-        help="autocast dtype of the forward pass (fp16 with loss scaling)",
-    )
-    p.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=torch.cuda.is_available(),
-        help="channels_last memory format for the model and its inputs",
-    )
+    _add_precision_options(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument(
         "--sync-bn",
@@ -282,6 +280,45 @@ def _add_training_options(p: argparse.ArgumentParser, default_preset: str) -> No
     )
     p.add_argument(
         "--device", default=_default_device(), help="torch device; under torchrun, cuda means each process's own GPU"
+    )
+
+
+def _add_precision_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--amp",
+        choices=AMP_CHOICES,
+        default="auto",
+        help="autocast dtype of the forward pass: auto is bf16 where the device computes it natively (CUDA; CPUs with "
+        "AMX or AVX512-bf16), else off (float32); fp16 trains with loss scaling",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format for the model and its inputs (default: with autocast, and on CUDA)",
+    )
+
+
+def _add_teacher_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--teacher",
+        metavar="MODEL",
+        help="distill from this model file's logits (same classes and normalization), or 'parent': the model this "
+        "one was pruned from, as recorded in it",
+    )
+    p.add_argument(
+        "--kd-weight",
+        type=_unit_interval,
+        default=argparse.SUPPRESS,
+        metavar="A",
+        help=f"with --teacher: loss = A*T^2*KL(teacher || student at T) + (1 - A)*cross-entropy (default: {KD_WEIGHT})",
+    )
+    p.add_argument(
+        "--kd-temperature",
+        type=_positive_float,
+        default=argparse.SUPPRESS,
+        metavar="T",
+        help=f"with --teacher: the softmax temperature of both models' logits (default: {KD_TEMPERATURE})",
     )
 
 
@@ -300,6 +337,20 @@ def _batch_sizes(text: str) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
     return sizes
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -331,6 +382,15 @@ def _sizes(model: torch.nn.Module, base: torch.nn.Module, input_size: int) -> di
     }
 
 
+def _rounded(arch: str, rates: str, round_to: int) -> list[dict[str, int]]:
+    return [r._asdict() for r in sparsity.rounding(arch, rates, round_to)]
+
+
+def _rounded_text(result: dict[str, Any]) -> str:
+    changes = ", ".join(f"{r['floor']}->{r['kept']} ({r['layers']} convs)" for r in result["rounded"])
+    return f"round-to {result['round_to']}: paper floor -> kept: {changes or 'no change'}"
+
+
 def _sizes_text(r: dict[str, Any]) -> str:
     return (
         f"params {r['params']:,} ({100 * r['params_reduction']:.1f}% fewer than {r['base_params']:,})\n"
@@ -351,12 +411,17 @@ def cmd_profile(args: argparse.Namespace) -> None:
     else:
         arch = args.arch
         num_classes = get_arch(arch).num_classes
-        widths = sparsity.widths(arch, args.sparsity) if args.sparsity else None
+        widths = sparsity.widths(arch, args.sparsity, args.round_to) if args.sparsity else None
         model = create_model(arch, widths)
     result = {"arch": arch, **_sizes(model, create_model(arch, None, num_classes), get_arch(arch).input_size)}
     if args.sparsity:
         result["sparsity"] = sparsity.format_rates(sparsity.resolve(arch, args.sparsity))
     text = f"{arch}\n{_sizes_text(result)}"
+    if args.round_to:
+        if not args.sparsity:
+            raise UsageError("--round-to applies to --arch with --sparsity")
+        result["round_to"], result["rounded"] = args.round_to, _rounded(arch, args.sparsity, args.round_to)
+        text += "\n" + _rounded_text(result)
     if args.latency:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -467,8 +532,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
         raise UsageError(f"--recalibrate-bn must be >= 0, got {args.recalibrate_bn}")
     if args.recalibrate_bn and not args.data:
         raise UsageError("--recalibrate-bn needs --data (its batches come from the train split)")
-    if args.flops_target is None and (args.global_scope or args.round_to):
-        raise UsageError("--global and --round-to apply to --flops-target")
+    if args.flops_target is None and args.global_scope:
+        raise UsageError("--global applies to --flops-target")
     mf = load_model(args.model)
     if args.flops_target is not None:
         pruned, how = _prune_to_flops(args, mf)
@@ -478,7 +543,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
             "round_to": args.round_to,
         }
     else:
-        widths = sparsity.widths(mf.arch, args.sparsity)
+        widths = sparsity.widths(mf.arch, args.sparsity, args.round_to)
         scores, how, writer = _scores(args, mf)
         if not writer:
             return
@@ -489,6 +554,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         budget = {
             "sparsity": sparsity.format_rates(sparsity.resolve(mf.arch, args.sparsity)),
             "residual": args.residual,
+            "round_to": args.round_to,
         }
     if args.recalibrate_bn:
         train = load_split(args.data, "train")
@@ -503,7 +569,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
         )
         how["recalibrated_bn_images"] = recalibrate_bn(pruned, stream, device=args.device, progress=True)
         pruned.cpu()
-    meta = {**mf.meta, "pruned": {**budget, **how, "parent": Path(args.model).name}}
+    path = Path(args.model)
+    parent = {"parent": path.name, "parent_path": str(path.resolve()), "parent_sha256": sha256(path)}
+    meta = {**mf.meta, "pruned": {**budget, **how, **parent}}
     ModelFile(mf.arch, pruned, mf.mean, mf.std, mf.classes, meta).save(args.out)
     result = {
         "arch": mf.arch,
@@ -513,7 +581,11 @@ def cmd_prune(args: argparse.Namespace) -> None:
         **_sizes(pruned, create_model(mf.arch, None, len(mf.classes)), mf.input_size),
     }
     said = ", ".join(f"{k} {v}" for k, v in budget.items() if v is not None)
-    _emit(args, result, f"wrote {args.out}: {mf.arch}, {said}, {how['criterion']}\n" + _sizes_text(result))
+    text = f"wrote {args.out}: {mf.arch}, {said}, {how['criterion']}\n" + _sizes_text(result)
+    if args.sparsity and args.round_to:
+        result["rounded"] = _rounded(mf.arch, args.sparsity, args.round_to)
+        text += "\n" + _rounded_text(result)
+    _emit(args, result, text)
 
 
 def _prune_to_flops(args: argparse.Namespace, mf: ModelFile) -> tuple[RegistryModel, dict[str, Any]]:
@@ -569,23 +641,35 @@ def cmd_eval(args: argparse.Namespace) -> None:
     split = load_split(args.data, args.split)
     _check_classes(split, mf)
     stream = mf.batches(split, args.batch_size, limit=args.limit, workers=args.workers)
-    result = {"model": args.model, "split": args.split, **evaluate(mf.model, stream, device=args.device, progress=True)}
+    precision = choose(args.amp, args.channels_last, torch.device(args.device))
+    result = {
+        "model": args.model,
+        "split": args.split,
+        **evaluate(mf.model, stream, device=args.device, precision=precision, progress=True),
+        "precision": precision.amp,
+    }
     _emit(
         args,
         result,
         f"{args.model} on {args.split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-        f"({result['images']} images)",
+        f"({result['images']} images, {precision.describe()})",
     )
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune a model file into a run folder."""
     mf = load_model(args.model)
+    if args.teacher is None and ("kd_weight" in args or "kd_temperature" in args):
+        raise UsageError("--kd-weight and --kd-temperature apply to --teacher")
+    teacher = None if args.teacher is None else load_teacher(args.teacher, mf, args.model)
     with distributed(args.device) as place:
         train, test = load_data(args.data, args.val_data, args.train_subset, args.seed, place)
         _check_classes(train, mf)
         preset = "paper-imagenet" if mf.input_size > 32 else "paper-cifar"
-        _fit(args, mf, train, test, place, preset, {"command": "finetune", "model": args.model})
+        about = {"command": "finetune", "model": args.model}
+        if teacher is not None:
+            about["teacher"] = {"path": str(teacher.path), "sha256": teacher.sha256}
+        _fit(args, mf, train, test, place, preset, about, teacher)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -607,11 +691,17 @@ def _fit(
     place: Place,
     default_preset: str,
     about: dict[str, Any],
+    teacher: Teacher | None = None,
 ) -> None:
     """Run the training loop with the options of finetune and train; print where its results are."""
     preset = getattr(args, "preset", default_preset)
-    fields = {f.name for f in dataclasses.fields(Config)}
+    precision = choose(args.amp, args.channels_last, place.device)
+    fields = {f.name for f in dataclasses.fields(Config)} - {"amp", "teacher", "kd_weight", "kd_temperature"}
     cfg = dataclasses.replace(PRESETS[preset], **{k: v for k, v in vars(args).items() if k in fields})
+    cfg = dataclasses.replace(cfg, amp=precision.amp)
+    if teacher is not None:
+        weight, temperature = getattr(args, "kd_weight", KD_WEIGHT), getattr(args, "kd_temperature", KD_TEMPERATURE)
+        cfg = dataclasses.replace(cfg, teacher=teacher.sha256, kd_weight=weight, kd_temperature=temperature)
     run = Path(args.out_dir)
     history = fit(
         mf,
@@ -621,10 +711,11 @@ def _fit(
         run,
         resume=args.resume,
         place=place,
-        channels_last=args.channels_last,
+        precision=precision,
         compile=args.compile,
         workers=args.workers,
         about={**about, "data": args.data, "val_data": args.val_data, "preset": preset},
+        teacher=None if teacher is None else teacher.model_file.model,
     )
     if place.writer:
         h = history[-1]

@@ -3,6 +3,7 @@ one-line reason of a failed read or write."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -54,6 +55,15 @@ def load_reason(e: BaseException, path: str | os.PathLike) -> str:
         return f"it asks for {', '.join(unsafe[:3])}" if unsafe else "the weights-only reader refused it"
     # Only the first sentence of the first line: torch's zip reader appends a paragraph of advice in the same line.
     return reason(e).split(". ")[0].rstrip(".: ") or type(e).__name__
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def stale_temps(path: str | os.PathLike) -> list[Path]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
+from typing import NamedTuple
 
 from .models import get_arch
 
@@ -60,13 +63,45 @@ def resolve(arch_name: str, sparsity: str) -> list[float]:
     return rates
 
 
-def widths(arch_name: str, sparsity: str) -> dict[str, int]:
-    """Per-conv output widths for an architecture at a sparsity; every conv keeps at least one channel."""
+def widths(arch_name: str, sparsity: str, round_to: int | None = None) -> dict[str, int]:
+    """Per-conv output widths for an architecture at a sparsity, each rounded to a multiple of `round_to` if given
+    (aligned); every conv keeps at least one channel."""
     w = get_arch(arch_name).widths_for_rates(resolve(arch_name, sparsity))
     empty = [name for name, c in w.items() if c < 1]
-    if empty:
+    if empty and not round_to:
         raise SparsityError(f"sparsity leaves no channels in {empty[0]}")
-    return w
+    return aligned(w, full_widths(arch_name), round_to) if round_to else w
+
+
+def full_widths(arch_name: str) -> dict[str, int]:
+    """Per-conv output widths of the unpruned architecture."""
+    arch = get_arch(arch_name)
+    return arch.widths_for_rates([0.0] * arch.num_rates)
+
+
+def aligned(widths: dict[str, int], full: dict[str, int], n: int) -> dict[str, int]:
+    """Each width rounded to the nearest multiple of n (halves up), never below n nor above the layer's full width.
+
+    Hardware runs some channel counts much faster than their neighbours: on an AVX512-bf16 CPU the paper-1 ResNet-56
+    (widths 9, 13, 19, 27, 38) trains in bf16 at 256 images/s, rounded to multiples of 16 at 584."""
+    if n < 1:
+        raise SparsityError(f"round_to must be a positive integer, got {n}")
+    return {name: min(full[name], max(n, n * math.floor(c / n + 0.5))) for name, c in widths.items()}
+
+
+class Rounded(NamedTuple):
+    """One change that rounding made: a width by the paper's floor, the width kept, and in how many layers."""
+
+    floor: int
+    kept: int
+    layers: int
+
+
+def rounding(arch_name: str, sparsity: str, round_to: int) -> list[Rounded]:
+    """What `round_to` changes in the paper's widths of a sparsity, one row per distinct change."""
+    floor, kept = widths(arch_name, sparsity), widths(arch_name, sparsity, round_to)
+    changes = Counter((floor[name], kept[name]) for name in floor if floor[name] != kept[name])
+    return [Rounded(f, k, n) for (f, k), n in sorted(changes.items())]
 
 
 def format_rates(rates: list[float]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -31,11 +32,11 @@ from .data import ImageSplit, load_split
 from .data.sources import MissingSplit
 from .distributed import LOCAL, Place, all_reduce, barrier, broadcast_buffers, on_any
 from .evaluate import evaluate
-from .fileio import atomic_write, save_json, stale_temps
-from .modelfile import ModelFile, load_checkpoint
+from .fileio import atomic_write, save_json, sha256, stale_temps
+from .modelfile import ModelFile, load_checkpoint, load_model
 from .models import RegistryModel
+from .precision import FLOAT32, Precision
 
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
 LOG_EVERY = 10  # steps between progress-bar updates: each one waits for the device
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "curves.png")
 # What a checkpoint's training state holds (see _training_state), checked before a resume relies on it.
@@ -51,8 +52,39 @@ TRAINING_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
+# Distillation defaults, chosen by a short comparison on the CHIP-pruned ResNet-56 (paper-1): docs/training.md.
+KD_WEIGHT = 0.5
+KD_TEMPERATURE = 4.0
+
+
 class TrainError(ValueError):
     """A training run that cannot start or go on as asked."""
+
+
+class Teacher(NamedTuple):
+    """The model a fine-tuning distills from, and the file it came from."""
+
+    model_file: ModelFile
+    path: Path
+    sha256: str
+
+
+def load_teacher(spec: str, student: ModelFile, student_path: str | os.PathLike) -> Teacher:
+    """The teacher named by `--teacher`: a model file, or "parent": the file the student was pruned from, as long as
+    it is still there unchanged. It must take the same inputs and give the same classes as the student."""
+    if spec == "parent":
+        pruned = student.meta.get("pruned", {})
+        if "parent_path" not in pruned:
+            raise TrainError(f"{student_path} records no parent (it was not pruned by chip prune): give --teacher FILE")
+        path = Path(pruned["parent_path"])
+        if not path.is_file() or sha256(path) != pruned["parent_sha256"]:
+            raise TrainError(f"the parent of {student_path}, {path}, is gone or has changed since: give --teacher FILE")
+    else:
+        path = Path(spec)
+    teacher = load_model(path)
+    if (teacher.mean, teacher.std, teacher.classes) != (student.mean, student.std, student.classes):
+        raise TrainError(f"the teacher {path} takes other inputs or gives other classes than the model it teaches")
+    return Teacher(teacher, path, sha256(path))
 
 
 @dataclass(frozen=True)
@@ -106,8 +138,11 @@ class Config:
     seed: int = 0
     train_subset: int | None = None
     accum: int = 1
-    amp: str = "off"
+    amp: str = "off"  # resolved: bf16, fp16 or off (precision.choose turns --amp auto into one of them)
     sync_bn: bool = False
+    teacher: str | None = None  # SHA-256 of the model file distilled from, if any
+    kd_weight: float = 0.0  # A in A*T^2*KL(teacher || student at T) + (1 - A)*cross-entropy
+    kd_temperature: float = 1.0  # T
 
 
 PRESETS = {
@@ -173,13 +208,19 @@ def fit(
     *,
     resume: bool = False,
     place: Place = LOCAL,
-    channels_last: bool = False,
+    precision: Precision = FLOAT32,
     compile: bool = False,
     workers: int = 0,
     progress: bool = True,
     about: dict[str, Any] | None = None,
+    teacher: nn.Module | None = None,
 ) -> list[dict[str, Any]]:
-    """Train mf's model on `train`, evaluating on `test` after each epoch, in the run folder; the metrics per epoch."""
+    """Train mf's model on `train`, evaluating on `test` after each epoch, in the run folder; the metrics per epoch.
+    With a teacher (cfg.teacher names its file), the loss distills from its logits (distillation_loss)."""
+    if (teacher is None) != (cfg.teacher is None):
+        raise TrainError("a teacher model and cfg.teacher (its file's SHA-256) go together")
+    if precision.amp != cfg.amp:
+        raise TrainError(f"the precision's autocast ({precision.amp}) is not the run's ({cfg.amp})")
     steps = len(train) // cfg.batch_size  # per epoch: the last partial batch is dropped
     if steps == 0:
         raise TrainError(f"the train split has {len(train)} images, fewer than one batch of {cfg.batch_size}")
@@ -201,6 +242,7 @@ def fit(
             print(f"--resume: no {last} yet, starting the run", file=sys.stderr)
         state = {"step": 0, "history": [], "best_top1": None, "partial": Tally()}
     if place.writer:
+        print(f"precision: {precision.describe()}", file=sys.stderr)
         _remove_stale_temps(run)
         save_json(
             {
@@ -208,7 +250,8 @@ def fit(
                 "config": asdict(cfg),
                 "processes": place.world,
                 "device": str(place.device),
-                "channels_last": channels_last,
+                "channels_last": precision.channels_last,
+                "precision": precision.why,
                 "compile": compile,
                 "train_images": len(train),
                 "test_images": len(test) if test else None,
@@ -227,8 +270,12 @@ def fit(
     model = cast(RegistryModel, mf.model.to(device))
     if cfg.sync_bn and place.world > 1:
         model = cast(RegistryModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))
-    if channels_last:
+    if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # untyped in torch
+    if teacher is not None:  # frozen, in eval mode: its BatchNorm statistics are the dense parent's
+        teacher = teacher.to(device).eval().requires_grad_(False)
+        if precision.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # untyped in torch
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     if resuming:
@@ -283,9 +330,9 @@ def fit(
             )
             net.train()
             for done, (x, y) in enumerate(bar, 1):
-                if channels_last:
+                if precision.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                _step(net, opt, scaler, x, y, lr_at(state["step"], cfg, steps), cfg, sums)
+                _step(net, teacher, opt, scaler, x, y, lr_at(state["step"], cfg, steps), cfg, precision, sums)
                 state["step"] += 1
                 if done % LOG_EVERY == 0:
                     rate = done * cfg.batch_size / (time.perf_counter() - began)
@@ -302,7 +349,7 @@ def fit(
                     raise KeyboardInterrupt
             bar.close()
             epoch_sums = sums.reduced(place, before + time.perf_counter() - began)
-            top1, top5 = _evaluate(model, test, mf, cfg.batch_size, workers, place, progress)
+            top1, top5 = _evaluate(model, test, mf, cfg.batch_size, workers, place, precision, progress)
             history.append(
                 {
                     "epoch": epoch,
@@ -344,23 +391,39 @@ def _to(split: ImageSplit, device: torch.device) -> ImageSplit:
     return replace(split, images=split.images.to(device), labels=split.labels.to(device))
 
 
+def distillation_loss(logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, cfg: Config) -> Tensor:
+    """Cross-entropy; with teacher logits, A*T^2*KL(teacher || student, both at temperature T) + (1 - A)*cross-entropy
+    (Hinton et al. 2015: T^2 keeps the soft term's gradients on the scale of the hard one's)."""
+    hard = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    if teacher_logits is None:
+        return hard
+    t = cfg.kd_temperature
+    student, target = (F.log_softmax(z.float() / t, dim=1) for z in (logits, teacher_logits))
+    soft = F.kl_div(student, target, log_target=True, reduction="batchmean")
+    return cfg.kd_weight * t * t * soft + (1 - cfg.kd_weight) * hard
+
+
 def _step(
     net: nn.Module,
+    teacher: nn.Module | None,
     opt: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     x: Tensor,
     y: Tensor,
     lr: float,
     cfg: Config,
+    precision: Precision,
     sums: StepSums,
 ) -> None:
     """One optimizer step on a batch, its micro-batches' gradients added; adds the loss and hits to `sums`."""
     for group in opt.param_groups:
         group["lr"] = lr
     for xm, ym in zip(x.chunk(cfg.accum), y.chunk(cfg.accum), strict=True):
-        with torch.autocast(x.device.type, dtype=AMP[cfg.amp], enabled=cfg.amp != "off"):
+        with precision.autocast(x.device):
             logits = net(xm)
-            loss = F.cross_entropy(logits, ym, label_smoothing=cfg.label_smoothing)
+            with torch.no_grad():
+                target = None if teacher is None else teacher(xm)
+            loss = distillation_loss(logits, target, ym, cfg)
         scaler.scale(loss / cfg.accum).backward()
         sums.add(loss, logits, ym)
     scaler.step(opt)
@@ -375,6 +438,7 @@ def _evaluate(
     batch_size: int,
     workers: int,
     place: Place,
+    precision: Precision,
     progress: bool,
 ) -> tuple[float | None, float | None]:
     """Test top-1 and top-5 over all the processes' shares of the split; None without a split."""
@@ -382,7 +446,7 @@ def _evaluate(
         return None, None
     broadcast_buffers(model, place)  # DDP left each process with BatchNorm statistics of its own share
     stream = mf.batches(test, batch_size, workers=workers, rank=place.rank, world=place.world, device=place.device)
-    r = evaluate(model, stream, device=place.device, progress=progress and place.writer)
+    r = evaluate(model, stream, device=place.device, precision=precision, progress=progress and place.writer)
     counts = torch.tensor(
         [r["top1"] * r["images"] / 100, r["top5"] * r["images"] / 100, r["images"]],
         dtype=torch.float64,
