@@ -65,22 +65,53 @@ def main() -> None:
     """Prints one line per shape for CPU, then for CUDA when there is one."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller reference subsets, fewer rounds")
+    parser.add_argument("--cuda-only", action="store_true", help="skip the CPU tables (the GPU run of gpu.sh)")
+    parser.add_argument("--toy", action="store_true", help="one small shape and network (gpu.sh --dry-run)")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # ARCH,IMAGES,BATCH,forward|scoring: one memory figure
     args = parser.parse_args()
     if args.peak_of:
         return _print_peak(args.peak_of)
-    rounds = 2 if args.quick else 3
+    rounds = 1 if args.toy else 2 if args.quick else 3
+    shapes = [(n, (8, *s[1:]), (4, 8), (4, 8)) for n, s, _, _ in SHAPES[:1]] if args.toy else SHAPES
+    networks = {device: [("resnet20", 32, 16)] for device in NETWORKS} if args.toy else NETWORKS
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average "
         f"{os.getloadavg()[0]:.1f} at start; times are the best of {rounds} interleaved rounds"
     )
+    if not args.cuda_only:
+        subsets = cpu_table(shapes, args.quick, rounds)
+        network_table("cpu", networks, rounds)
+    if not torch.cuda.is_available():
+        print("\nCUDA: not available, skipped")
+        return
+    print(f"\nCUDA ({torch.cuda.get_device_name()}): fast path only; error against the same reference subset")
+    print(f"{'layer':18} {'maps [N, C, H, W]':18} {'fast':>10} {'max rel err':>12} {'images/s':>9}")
+    gen = torch.Generator().manual_seed(0)
+    for name, shape, _, quick_subset in shapes:
+        a = torch.randn(shape, generator=gen).relu()
+        if args.cuda_only:  # no CPU table ran: the reference on the quick subset, for the error column
+            n_img, n_ch = quick_subset
+            channels = torch.linspace(0, shape[1] - 1, n_ch).round().long().unique().tolist()
+            ref = reference_ci(a[:n_img], channels)
+        else:
+            n_img, channels, ref = subsets[name]
+        ci = channel_independence(a.cuda(), reduction="none").cpu()
+        t_fast = min(timed(partial(fast, a.cuda()), torch.cuda.synchronize)[0] for _ in range(rounds + 2))
+        err = ((ci[:n_img, channels] - ref).abs().amax(1) / ci[:n_img].amax(1)).max().item()
+        dims = "x".join(map(str, shape))
+        print(f"{name:18} {dims:18} {t_fast * 1e3:7.1f} ms {err:12.1e} {shape[0] / t_fast:9.0f}")
+    network_table("cuda", networks, rounds)
+
+
+def cpu_table(shapes: list, quick: bool, rounds: int) -> dict[str, tuple[int, list[int], torch.Tensor]]:
+    """The CPU table: reference and fast path per shape; the reference subset and values of each, by name."""
     header = f"{'layer':18} {'maps [N, C, H, W]':18} {'path':>4} {'reference':>17} {'thr':>3} {'fast':>10} "
     print(f"\nCPU\n{header}{'speed-up':>9} {'max rel err':>12} {'images/s':>9}")
     gen = torch.Generator().manual_seed(0)
-    maps, subsets = [], []
-    for name, shape, full_subset, quick_subset in SHAPES:
+    subsets = {}
+    for name, shape, full_subset, quick_subset in shapes:
         a = torch.randn(shape, generator=gen).relu()
-        n_img, n_ch = quick_subset if args.quick else full_subset
+        n_img, n_ch = quick_subset if quick else full_subset
         ci = channel_independence(a, reduction="none")
         # Evenly spread channels, always including the image's highest CI (the accuracy yardstick).
         channels = sorted(set(torch.linspace(0, shape[1] - 1, n_ch).round().long().tolist()) | {int(ci[0].argmax())})
@@ -100,24 +131,9 @@ def main() -> None:
             f"{name:18} {dims:18} {path:>4} {t_ref * scale:8.3f} s {mark:>8} {ref_threads:3} {t_fast * 1e3:7.1f} ms "
             f"{t_ref * scale / t_fast:8.0f}x {err:12.1e} {shape[0] / t_fast:9.0f}"
         )
-        maps.append(a)
-        subsets.append((n_img, channels, ref))
-    print("reference subsets: " + "; ".join(f"{n} images x {len(c)} channels" for n, c, _ in subsets))
-
-    network_table("cpu", rounds)
-    if not torch.cuda.is_available():
-        print("\nCUDA: not available, skipped")
-        return
-    print(f"\nCUDA ({torch.cuda.get_device_name()}): fast path only; error against the same reference subset")
-    print(f"{'layer':18} {'maps [N, C, H, W]':18} {'fast':>10} {'max rel err':>12} {'images/s':>9}")
-    for (name, shape, *_), a, (n_img, channels, ref) in zip(SHAPES, maps, subsets, strict=True):
-        a = a.cuda()
-        ci = channel_independence(a, reduction="none").cpu()
-        t_fast = min(timed(partial(fast, a), torch.cuda.synchronize)[0] for _ in range(rounds + 2))
-        err = ((ci[:n_img, channels] - ref).abs().amax(1) / ci[:n_img].amax(1)).max().item()
-        dims = "x".join(map(str, shape))
-        print(f"{name:18} {dims:18} {t_fast * 1e3:7.1f} ms {err:12.1e} {shape[0] / t_fast:9.0f}")
-    network_table("cuda", rounds)
+        subsets[name] = (n_img, channels, ref)
+    print("reference subsets: " + "; ".join(f"{n} images x {len(c)} channels" for n, c, _ in subsets.values()))
+    return subsets
 
 
 # whole network: arch, calibration images, batch size, on CPU / on CUDA
@@ -182,14 +198,14 @@ def _print_peak(spec: str) -> None:
     print(peak_mib("cpu", _pass("cpu", arch, int(images), int(batch), kind == "scoring"))[1])
 
 
-def network_table(device: str, rounds: int) -> None:
+def network_table(device: str, networks: dict[str, list[tuple[str, int, int]]], rounds: int) -> None:
     """Whole-network CHIP scoring (forward + CI of every scored layer) against the plain forward pass."""
     print(f"\nWhole network on {device}: scoring (one pass, hooks, CI of every layer) vs the plain forward pass")
     print(
         f"{'model':9} {'images':>6} {'forward':>9} {'scoring':>9} {'time':>6} {'fwd MiB':>8} {'score MiB':>9} "
         f"{'mem':>6}"
     )
-    for arch, images, batch in NETWORKS[device]:
+    for arch, images, batch in networks[device]:
         forward, scoring = (_pass(device, arch, images, batch, scored) for scored in (False, True))
         forward()  # warm-up: allocator pools and one-time initialisation count for neither side
         fwd = min(peak_mib(device, forward) for _ in range(rounds))

@@ -3,13 +3,14 @@
     python benchmarks/latency.py [--repeats 30] [--threads N]
 
 Every configuration is measured in one run, side by side; ratios are against the dense model in eager mode
-at the same batch size. Weights are random: latency does not depend on their values. `paper-1 rounded`
-is paper-1 with every width rounded to the nearest multiple of 8 (13 -> 16, 27 -> 24, 9 -> 8, 38 -> 40): about
-the same FLOPs, in widths that vectorize well."""
+at the same batch size. Weights are random: latency does not depend on their values. The configurations are
+benchmarks/resnet56_configs.py's: paper-1 at the paper's floor widths and rounded to multiples of 8 and 16
+(`chip prune --sparsity paper-1 --round-to N`), and hand-set widths near paper-1's FLOPs."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -19,19 +20,10 @@ import torch
 from chipprune.export import export
 from chipprune.modelfile import ModelFile
 from chipprune.models import create_model
-from chipprune.models.resnet_cifar import full_widths
 from chipprune.profile import count_flops, measure_latency
-from chipprune.sparsity import widths
+from resnet56_configs import CONFIGS, configs
 
 BATCHES = (1, 64)
-
-
-def configurations() -> dict[str, dict[str, int] | None]:
-    """Widths of each benchmarked ResNet-56."""
-    paper1 = widths("resnet56", "paper-1")
-    full = full_widths(56)
-    rounded = {name: min(full[name], max(8, round(c / 8) * 8)) for name, c in paper1.items()}
-    return {"dense": None, "paper-1": paper1, "paper-1 rounded": rounded, "paper-2": widths("resnet56", "paper-2")}
 
 
 def onnx_latency(path: Path, batch: int, repeats: int, threads: int) -> float:
@@ -56,15 +48,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="configurations of resnet56_configs.py")
+    parser.add_argument("--json", help="also write every measurement to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} runs after warm-up\n")
     print("| model | FLOPs | runtime | " + " | ".join(f"batch {b} ms | speed-up" for b in BATCHES) + " |")
     print("|---|---|---|" + "---|---|" * len(BATCHES))
     dense_ms: dict[int, float] = {}
+    rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, w in configurations().items():
-            model = create_model("resnet56", w).eval()
+        for name in configs(args.configs):
+            model = create_model("resnet56", CONFIGS[name].widths()).eval()
             mf = ModelFile("resnet56", model, (0.5,) * 3, (0.25,) * 3, [str(i) for i in range(10)])
             flops = count_flops(model, 32)
             onnx_path, ts_path = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}.pt"
@@ -84,17 +79,21 @@ def main() -> None:
                         ms = measure(b)
                         if name == "dense" and runtime == "eager":
                             dense_ms[b] = ms
+                        rows.append({"config": name, "device": "cpu", "runtime": runtime, "batch": b, "median_ms": ms})
                         cells.append(f"{ms:.2f} | {dense_ms[b] / ms:.2f}×")
                     print(f"| {name} | {flops / 1e6:.1f} M | {runtime} | " + " | ".join(cells) + " |", flush=True)
     if torch.cuda.is_available():
         print(f"\nCUDA ({torch.cuda.get_device_name()}), eager:")
-        for name, w in configurations().items():
-            model = create_model("resnet56", w).cuda()
-            cells = [
-                f"batch {b}: {measure_latency(model, 32, b, repeats=args.repeats)['median_ms']:.2f} ms"
-                for b in (*BATCHES, 256)
+        for name in configs(args.configs):
+            model = create_model("resnet56", CONFIGS[name].widths()).cuda()
+            ms = {b: measure_latency(model, 32, b, repeats=args.repeats)["median_ms"] for b in (*BATCHES, 256)}
+            rows += [
+                {"config": name, "device": "cuda", "runtime": "eager", "batch": b, "median_ms": m}
+                for b, m in ms.items()
             ]
-            print(f"  {name}: " + ", ".join(cells))
+            print(f"  {name}: " + ", ".join(f"batch {b}: {m:.2f} ms" for b, m in ms.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

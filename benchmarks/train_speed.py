@@ -1,13 +1,15 @@
-"""Training throughput of chipprune's loop against a plain PyTorch loop (the authors' recipe), side by side.
+"""Training throughput of chipprune's loop against a plain PyTorch loop (the authors' recipe), side by side, for the
+dense ResNet-56 and pruned ones (benchmarks/resnet56_configs.py).
 
-    python benchmarks/train_speed.py [--arch resnet56] [--sparsity S] [--batch-size 256] [--steps N] [--device D]
+    python benchmarks/train_speed.py [--configs dense,paper-1,...] [--batch-size 256] [--steps N] [--device D]
 
 plain: the CHIP authors' CIFAR-10 loop. A Dataset turns one uint8 image at a time into a PIL image, pads it by 4,
 crops 32 x 32 at random, flips it with probability 1/2, converts and normalizes it (torchvision's RandomCrop,
 RandomHorizontalFlip, ToTensor, Normalize, written out without torchvision); a DataLoader (shuffled, --workers
 processes, 1 as theirs) batches them; float32 forward and backward, loss.item() every step.
 chipprune: chipprune.train.fit on the same images and model: the uint8 images on the device, cropped and flipped
-there in batched tensor ops; with bf16 autocast, channels_last and torch.compile where the device is a GPU.
+there in batched tensor ops; in float32, and with --amp auto (bf16 autocast + channels_last where the device computes
+bf16 natively); with a dense teacher (distillation) for --teacher-configs; with torch.compile on a GPU.
 
 Each configuration trains two epochs of --steps batches of random images; the second one is timed (the first pays
 for compilation and warm-up). Epochs/minute are for CIFAR-10's 50,000 training images."""
@@ -16,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,8 +37,10 @@ from chipprune.data import ImageSplit
 from chipprune.distributed import Place
 from chipprune.modelfile import CIFAR10_CLASSES, NORMALIZATIONS, ModelFile
 from chipprune.models import RegistryModel, create_model
-from chipprune.sparsity import widths
+from chipprune.precision import Precision, choose
+from chipprune.profile import count_flops
 from chipprune.train import PRESETS, fit
+from resnet56_configs import CONFIGS, configs
 
 CIFAR_TRAIN_IMAGES = 50_000
 MEAN, STD = NORMALIZATIONS["cifar"]
@@ -89,14 +96,21 @@ def fast(
     split: ImageSplit,
     batch_size: int,
     device: torch.device,
-    amp: str,
-    channels_last: bool,
-    compile: bool,
-    arch: str,
+    precision: Precision,
+    compile: bool = False,
+    teacher: nn.Module | None = None,
 ) -> float:
-    """Images/s of the second epoch of chipprune's loop."""
-    cfg = replace(PRESETS["paper-cifar"], epochs=2, batch_size=batch_size, warmup_epochs=0, amp=amp)
-    mf = ModelFile(arch, model, MEAN, STD, list(CIFAR10_CLASSES))
+    """Images/s of the second epoch of chipprune's loop (with a teacher, distilling from it)."""
+    cfg = replace(
+        PRESETS["paper-cifar"],
+        epochs=2,
+        batch_size=batch_size,
+        warmup_epochs=0,
+        amp=precision.amp,
+        teacher=None if teacher is None else "benchmark",
+        kd_weight=0.5,
+    )
+    mf = ModelFile("resnet56", model, MEAN, STD, list(CIFAR10_CLASSES))
     with tempfile.TemporaryDirectory() as run:
         history = fit(
             mf,
@@ -105,25 +119,72 @@ def fast(
             cfg,
             Path(run),
             place=Place(device=device),
-            channels_last=channels_last,
+            precision=precision,
             compile=compile,
             progress=False,
+            teacher=teacher,
         )
     return history[-1]["images_per_s"]
 
 
+class Row(NamedTuple):
+    """One measurement: configuration, loop, images/s."""
+
+    config: str
+    loop: str
+    images_per_s: float
+
+
+def measure(args: argparse.Namespace, split: ImageSplit, device: torch.device) -> list[Row]:
+    """Every configuration in the plain fp32 loop and in chipprune's with --amp auto; the teacher's cost; compile."""
+    auto = choose("auto", None, device)
+    fp32 = choose("off", None, device)
+    dense = create_model("resnet56")
+    rows = []
+    for name in configs(args.configs):
+        torch.manual_seed(0)
+        model = create_model("resnet56", CONFIGS[name].widths())
+        rows.append(Row(name, "plain fp32", plain(copy.deepcopy(model), split, args.batch_size, args.workers, device)))
+        if name == "dense":
+            rows.append(Row(name, "chipprune fp32", fast(copy.deepcopy(model), split, args.batch_size, device, fp32)))
+        rows.append(Row(name, "chipprune auto", fast(copy.deepcopy(model), split, args.batch_size, device, auto)))
+        if name in args.teacher_configs.split(","):
+            rate = fast(copy.deepcopy(model), split, args.batch_size, device, auto, teacher=copy.deepcopy(dense))
+            rows.append(Row(name, "chipprune auto + teacher", rate))
+        if name == "dense" and device.type == "cuda":
+            rate = fast(copy.deepcopy(model), split, args.batch_size, device, auto, compile=True)
+            rows.append(Row(name, "chipprune auto + compile", rate))
+        print(f"  measured {name}", file=sys.stderr, flush=True)
+    return rows
+
+
+def report(rows: list[Row], auto: Precision) -> None:
+    """The table: images/s, speed-up over the plain fp32 dense loop and over chipprune's dense loop, epochs/min."""
+    plain_dense = next(r.images_per_s for r in rows if (r.config, r.loop) == ("dense", "plain fp32"))
+    auto_dense = next(r.images_per_s for r in rows if (r.config, r.loop) == ("dense", "chipprune auto"))
+    print(f"auto = {auto.describe()}")
+    print("| configuration | FLOPs | loop | images/s | vs plain fp32 dense | vs chipprune auto dense | epochs/min |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        flops = count_flops(create_model("resnet56", CONFIGS[r.config].widths()), 32) / 1e6
+        print(
+            f"| {r.config} | {flops:.1f} M | {r.loop} | {r.images_per_s:.0f} | {r.images_per_s / plain_dense:.2f}x "
+            f"| {r.images_per_s / auto_dense:.2f}x | {60 * r.images_per_s / CIFAR_TRAIN_IMAGES:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet56")
-    parser.add_argument("--sparsity", help="prune the model to these rates first, e.g. paper-1 (default: dense)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="configurations of resnet56_configs.py")
+    parser.add_argument("--teacher-configs", default="paper-1,paper-1 round-to 16", help="also timed with --teacher")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, help="batches per epoch (default: 100 on a GPU, 8 on a CPU)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader processes of the plain loop")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
-    gpu = device.type == "cuda"
-    steps = args.steps or (100 if gpu else 8)
+    steps = args.steps or (100 if device.type == "cuda" else 8)
     g = torch.Generator().manual_seed(0)
     n = steps * args.batch_size
     split = ImageSplit(
@@ -131,39 +192,14 @@ def main() -> None:
         torch.randint(0, 10, (n,), generator=g),
         torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
     )
-    torch.manual_seed(0)
-    model = create_model(args.arch, widths(args.arch, args.sparsity) if args.sparsity else None)
-    name = args.arch + (f" at {args.sparsity}" if args.sparsity else "")
     print(
-        f"{name}, batch {args.batch_size}, {steps} steps per epoch, {args.device} "
+        f"ResNet-56, batch {args.batch_size}, {steps} steps per epoch, {args.device} "
         f"({torch.get_num_threads()} threads), torch {torch.__version__}"
     )
-
-    rows = [
-        (
-            "plain PyTorch loop: DataLoader, per-image transforms, fp32",
-            plain(copy.deepcopy(model), split, args.batch_size, args.workers, device),
-        ),
-        (
-            "chipprune: data on the device, batched augmentation, fp32",
-            fast(copy.deepcopy(model), split, args.batch_size, device, "off", False, False, args.arch),
-        ),
-    ]
-    if gpu:
-        rows += [
-            (
-                "chipprune + bf16 autocast + channels_last",
-                fast(copy.deepcopy(model), split, args.batch_size, device, "bf16", True, False, args.arch),
-            ),
-            (
-                "chipprune + bf16 autocast + channels_last + torch.compile",
-                fast(copy.deepcopy(model), split, args.batch_size, device, "bf16", True, True, args.arch),
-            ),
-        ]
-    base = rows[0][1]
-    print(f"{'':60s} {'images/s':>10s} {'speed-up':>9s} {'epochs/min':>11s}")
-    for label, rate in rows:
-        print(f"{label:60s} {rate:10.0f} {rate / base:8.2f}x {60 * rate / CIFAR_TRAIN_IMAGES:11.2f}")
+    rows = measure(args, split, device)
+    report(rows, choose("auto", None, device))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r._asdict() for r in rows], indent=1) + "\n")
 
 
 if __name__ == "__main__":

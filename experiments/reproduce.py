@@ -62,8 +62,8 @@ FT_ARGS += ["--amp", "off"]
 BASE_FT_ARGS = ["--preset", "paper-cifar", "--epochs", "1", "--warmup-epochs", "0", "--lr", "0.01", "--seed", "0"]
 BASE_FT_ARGS += ["--amp", "off"]
 RECOVERY = Path("results/recovery")
-# The knobs of a short recovery of the CHIP paper-1 ResNet-56: one epoch over 20,000 training images each.
-KNOB_ARGS = ["--preset", "paper-cifar", "--epochs", "1", "--warmup-epochs", "0", "--train-subset", "20000"]
+# The knobs of a short recovery of the CHIP paper-1 ResNet-56: one epoch over 10,000 training images each.
+KNOB_ARGS = ["--preset", "paper-cifar", "--epochs", "1", "--warmup-epochs", "0", "--train-subset", "10000"]
 KD_GRID = [(0.5, 2.0), (0.5, 4.0), (0.9, 2.0), (0.9, 4.0)]  # (--kd-weight, --kd-temperature)
 SEEDS = (0, 1, 2)
 CALIB_SIZES = {16: (1, 16), 64: (1, 64), 128: (1, 128), 640: (5, 128), 2560: (20, 128)}  # N: (batches, batch size)
@@ -251,9 +251,12 @@ def step_baseline(ctx: Ctx, arch: str) -> None:
                 "commands": [line],
             },
         )
+    run_dir = RUNS / ("r56-base" if arch == "resnet56" else f"{arch}-base")
+    if not (run_dir / "best.pt").exists() and logged(log, arch=arch, stage="adapted"):  # logged by an earlier machine
+        ctx.check()
+        finetune(public, run_dir, ctx, BASE_FT_ARGS)  # the same seeded command remakes the model the logs describe
     if not logged(log, arch=arch, stage="adapted"):
         ctx.check()
-        run_dir = RUNS / ("r56-base" if arch == "resnet56" else f"{arch}-base")
         wall_file = run_dir / "wall_s.json"
         line = shlex.join(
             ["chip", "finetune", str(public), "--data", ctx.data, "--out-dir", str(run_dir), *BASE_FT_ARGS]
