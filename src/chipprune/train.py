@@ -53,7 +53,7 @@ TRAINING_FIELDS: dict[str, type | tuple[type, ...]] = {
 
 
 # Distillation defaults, chosen by a short comparison on the CHIP-pruned ResNet-56 (paper-1): docs/training.md.
-KD_WEIGHT = 0.5
+KD_WEIGHT = 0.9
 KD_TEMPERATURE = 4.0
 
 
