@@ -353,11 +353,14 @@ def test_weights_of_other_names_and_shapes_are_listed(capsys, workdir, tmp_path,
     )
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("signs", ["+", "+-"])
 @pytest.mark.parametrize("command", ["score", "prune"])
-def test_non_finite_activations_name_the_layer(capsys, workdir, tmp_path, out, command, value):
-    d = torch.load(workdir / "r20.pt", weights_only=True)
-    d["state_dict"]["layer2.0.conv1.weight"][0, 0, 0, 0] = value
+def test_non_finite_activations_name_the_layer(capsys, workdir, tmp_path, out, command, signs):
+    d = torch.load(workdir / "r20.pt", weights_only=True)  # finite weights (others are refused on loading) ...
+    weight = d["state_dict"]["layer2.0.conv1.weight"]
+    weight.fill_(3e38)  # ... whose sums overflow float32: to Inf, or with both signs to NaN (Inf - Inf)
+    if signs == "+-":
+        weight[:, ::2] = -3e38
     torch.save(d, tmp_path / "m.pt")
     result = run(capsys, *fill(DATA_COMMANDS[command], m=tmp_path / "m.pt", d=workdir / "data", o=out))
     assert_refused(result, f"chip {command.split('-')[0]}: error: non-finite activations in layer2.0.conv1")

@@ -293,7 +293,8 @@ def test_a_pruned_file_records_its_parent_and_finetune_distills_from_it(work, pr
 
 
 def stop_after(steps):
-    """A stand-in for train._stop_requests that asks the loop to stop after `steps` steps, as SIGTERM would."""
+    """A stand-in for train._stop_requests that asks the loop to stop at its `steps`-th look, as SIGTERM would (the
+    loop looks once per step, and once per batch while it evaluates)."""
 
     @contextmanager
     def requests():
@@ -315,7 +316,7 @@ def test_a_distilled_run_resumes_bit_for_bit(work, pruned, tmp_path, monkeypatch
     monkeypatch.setattr(train, "_stop_requests", stop_after(6))  # within epoch 2 (4 steps each)
     assert main(args("run")) == 130
     monkeypatch.undo()
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["training"]["step"] == 6
+    assert 4 < torch.load(tmp_path / "run" / "last.pt", weights_only=True)["training"]["step"] < 8, "within epoch 2"
     assert main([*args("run"), "--resume"]) == 0
     straight, resumed = weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "run" / "last.pt")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), "bit for bit"

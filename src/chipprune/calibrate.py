@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from typing import NamedTuple, cast
 
 import torch
@@ -17,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from tqdm import tqdm
 
 from .criteria import ActivationCriterion, Criterion
-from .data.batching import share
+from .data.batching import Batches, share
 from .distributed import all_reduce, current
 from .models import ChannelLayer
 
@@ -65,7 +65,9 @@ def score_layers(
     if not isinstance(criterion, ActivationCriterion):
         return LayerScores({name: criterion.weight_scores(conv) for name, conv in convs.items()}, 0)
     taps = {layer.conv: Tap(layer.act, "output", convs[layer.conv].out_channels) for layer in layers}
-    maps = score_maps(model, taps, criterion, (x for x, _ in batches), device=device, progress=progress)
+    images = (x for x, _ in batches)
+    inputs = Batches(images, len(batches)) if isinstance(batches, Sized) else images  # a progress bar's total
+    maps = score_maps(model, taps, criterion, inputs, device=device, progress=progress)
     return LayerScores(maps.scores | {name: maps.scores[first] for name, first in maps.same.items()}, maps.images)
 
 
@@ -118,34 +120,42 @@ def score_maps(
         saved = {name: s.clone() for name, s in sums.items()}
         try:
             model(part.to(device))
+            return
         except RuntimeError as e:
             if not _out_of_memory(e):
                 raise
             for name, s in saved.items():
                 sums[name].copy_(s)
-            if len(part) == 1:
-                raise CalibrationError(
-                    f"out of memory scoring a single image on {device}: free memory, or score on another device"
-                ) from None
-            chunk = (len(part) + 1) // 2
-            warnings.warn(
-                f"out of memory scoring {len(part)} images at once on {device}: going on with {chunk} "
-                "(the scores are the same; a smaller --batch-size avoids the retry)",
-                stacklevel=1,
-            )
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            forward(part)
         finally:
             seen.clear()
+        # Out of memory. Retried here, out of the handler: its error (and the maps its traceback holds) is gone, and
+        # a failing retry does not chain onto it (nor every halving onto the one before).
+        if len(part) == 1:
+            raise CalibrationError(
+                f"out of memory scoring a single image on {device}: free memory, or score on another device"
+            )
+        chunk = (len(part) + 1) // 2
+        warnings.warn(
+            f"out of memory scoring {len(part)} images at once on {device}: going on with {chunk} "
+            "(the scores are the same; a smaller --batch-size avoids the retry)",
+            stacklevel=1,
+        )
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        forward(part)
 
     model.eval().to(device)
     handles = [attach(name, tap) for name, tap in taps.items()]
     place = current(device)
     count = torch.zeros((), dtype=torch.float64)
     try:
+        total = len(inputs) if isinstance(inputs, Sized) else None
         for x in tqdm(
-            inputs, desc=f"scoring ({criterion.name})", unit="batch", disable=not progress or not place.writer
+            inputs,
+            desc=f"scoring ({criterion.name})",
+            total=total,
+            unit="batch",
+            disable=not progress or not place.writer,
         ):
             part = x[share(len(x), place.rank, place.world)]
             if len(part):

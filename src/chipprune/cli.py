@@ -15,24 +15,36 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from . import __version__, sparsity
 from .calibrate import CalibrationError, recalibrate_bn, score_layers
+from .commandline import (
+    OneLineParser,
+    device,
+    memory_reason,
+    non_negative,
+    number,
+    opset,
+    out_of_memory,
+    quiet_stdout,
+    seed,
+)
 from .criteria import CRITERIA, ActivationCriterion, get_criterion
 from .data import DataError, ImageSplit, load_split
 from .distributed import Place, distributed, launched
 from .evaluate import evaluate
 from .export import FORMATS, ExportError, export
-from .fileio import save_json, sha256
+from .fileio import OutputError, check_output, sha256
 from .graph import prune_model
 from .modelfile import ModelFile, ModelFileError, import_weights, load_model, parse_normalization
 from .models import ARCHS, RegistryModel, create_model, get_arch
 from .precision import AMP_CHOICES, choose
 from .profile import count_flops, count_params, measure_latency
+from .runs import RunError, check_run_folder
+from .scoresfile import ScoresError, read_scores, write_scores
 from .surgery import RESIDUAL_MODES, prune
 from .train import KD_TEMPERATURE, KD_WEIGHT, PRESETS, Config, Teacher, TrainError, fit, load_data, load_teacher
-
-SCORES_FORMAT = "chipprune-scores/1"
 
 
 class UsageError(ValueError):
@@ -51,12 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         file: Any = None,
         line: str | None = None,
     ) -> None:
-        print(f"chip {args.command}: warning: {message}", file=sys.stderr)
+        tqdm.write(f"chip {args.command}: warning: {message}", file=sys.stderr)  # above any progress bar
 
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show  # one plain line, as errors are
             args.run(args)
+            sys.stdout.flush()  # here, where a closed pipe is caught
     except (
         UsageError,
         ModelFileError,
@@ -65,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         sparsity.SparsityError,
         TrainError,
         ExportError,
+        OutputError,
+        ScoresError,
+        RunError,
     ) as e:
         if os.environ.get("CHIP_DEBUG"):
             raise
@@ -73,13 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"chip {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        quiet_stdout()
+        print(f"chip {args.command}: error: stdout was closed before all the output was written", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e) or os.environ.get("CHIP_DEBUG"):
+            raise
+        print(f"chip {args.command}: error: {memory_reason(e)}: try a smaller --batch-size", file=sys.stderr)
+        return 2
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="chip", description=__doc__, formatter_class=fmt)
+    parser = OneLineParser(prog="chip", description=__doc__, formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"chipprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -94,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_batch_sizes, default="1,64", help="batch sizes for --latency")
     p.add_argument("--threads", type=_positive, help="CPU threads for --latency (default: torch's)")
     p.add_argument("--repeats", type=_positive, default=30, help="timed runs per batch size, after 3 warm-up runs")
-    p.add_argument("--device", default="cpu", help="torch device for --latency")
+    p.add_argument("--device", type=device, default="cpu", help="torch device for --latency")
     p.add_argument("--json", action="store_true", help="print JSON to stdout")
     p.set_defaults(run=cmd_profile)
 
@@ -108,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a chipprune model file")
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     p.add_argument("--out", required=True, help="the file to write")
-    p.add_argument("--opset", type=_positive, default=17, help="ONNX opset")
+    p.add_argument("--opset", type=opset, default=17, help="ONNX opset")
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch-size", type=_positive, default=1, help="the batch size the model is traced with")
     batch.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size")
@@ -137,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--sparsity", help="rates or a preset, as the paper's lists")
     budget.add_argument(
         "--flops-target",
-        type=float,
+        type=number(0, 1, above=True),
         metavar="F",
         help="keep this fraction of the FLOPs (within 2 %%): dependency-graph pruning, every conv "
         "group at one ratio (see docs/any-cnn.md)",
@@ -157,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="the pruned model file to write")
     p.add_argument("--scores", help="scores JSON from `chip score` (skips calibration; with --sparsity)")
+    p.add_argument(
+        "--overwrite-input", action="store_true", help="allow --out to be the input model file, which it replaces"
+    )
     p.add_argument(
         "--residual",
         choices=RESIDUAL_MODES,
@@ -181,9 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset source (see README: CIFAR archive, image folder, tarball)")
     p.add_argument("--split", default="test", choices=("test", "val", "train"), help="which split")
     p.add_argument("--batch-size", type=_positive, default=256, help="images per forward pass")
-    p.add_argument("--limit", type=_positive, help="evaluate only the first N images")
-    p.add_argument("--workers", type=int, default=0, help="loader processes for large images")
-    p.add_argument("--device", default=_default_device(), help="torch device")
+    p.add_argument("--limit", type=_positive, help="evaluate a seeded random sample of N images (see --seed)")
+    p.add_argument("--seed", type=seed, default=0, help="picks the --limit sample")
+    p.add_argument("--workers", type=non_negative, default=0, help="loader processes for large images")
+    p.add_argument("--device", type=device, default=_default_device(), help="torch device")
+    _add_class_names_option(p)
     _add_precision_options(p)
     p.add_argument("--json", action="store_true", help="print JSON to stdout")
     p.set_defaults(run=cmd_eval)
@@ -211,9 +241,18 @@ def _add_scoring_options(p: argparse.ArgumentParser, data_required: bool) -> Non
     p.add_argument("--criterion", choices=CRITERIA, default="chip", help="how channels are ranked")
     p.add_argument("--batches", type=_positive, default=5, help="calibration batches")
     p.add_argument("--batch-size", type=_positive, default=128, help="calibration batch size")
-    p.add_argument("--seed", type=int, default=0, help="picks the calibration images; seeds the random criterion")
-    p.add_argument("--workers", type=int, default=0, help="loader processes for large images")
-    p.add_argument("--device", default=_default_device(), help="torch device")
+    p.add_argument("--seed", type=seed, default=0, help="picks the calibration images; seeds the random criterion")
+    p.add_argument("--workers", type=non_negative, default=0, help="loader processes for large images")
+    p.add_argument("--device", type=device, default=_default_device(), help="torch device")
+    _add_class_names_option(p)
+
+
+def _add_class_names_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ignore-class-names",
+        action="store_true",
+        help="use data whose class names differ from the model's (or between splits), matched by position",
+    )
 
 
 def _add_training_options(p: argparse.ArgumentParser, default_preset: str) -> None:
@@ -233,27 +272,32 @@ def _add_training_options(p: argparse.ArgumentParser, default_preset: str) -> No
     )
     hyper = argparse.SUPPRESS  # unless given, the preset's
     p.add_argument("--epochs", type=_positive, default=hyper, help="epochs (default: the preset's)")
-    p.add_argument("--lr", type=float, default=hyper, help="peak learning rate (default: the preset's)")
+    p.add_argument("--lr", type=number(0, above=True), default=hyper, help="peak learning rate (default: the preset's)")
     p.add_argument(
         "--batch-size",
         type=_positive,
         default=hyper,
         help="global batch, split among torchrun processes and --accum micro-batches (default: the preset's)",
     )
-    p.add_argument("--weight-decay", type=float, default=hyper, help="SGD weight decay (default: the preset's)")
-    p.add_argument("--momentum", type=float, default=hyper, help="SGD momentum (default: the preset's)")
+    p.add_argument("--weight-decay", type=number(0), default=hyper, help="SGD weight decay (default: the preset's)")
     p.add_argument(
-        "--label-smoothing", type=float, default=hyper, help="cross-entropy label smoothing (default: the preset's)"
+        "--momentum", type=number(0, 1, below=True), default=hyper, help="SGD momentum (default: the preset's)"
+    )
+    p.add_argument(
+        "--label-smoothing",
+        type=number(0, 1, below=True),
+        default=hyper,
+        help="cross-entropy label smoothing (default: the preset's)",
     )
     p.add_argument(
         "--warmup-epochs",
-        type=float,
+        type=number(0),
         default=hyper,
         help="epochs of linear warm-up, per step, before the cosine decay (default: the preset's)",
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=seed,
         default=0,
         help="seeds the subset, data order and augmentation (and train's initial weights)",
     )
@@ -274,13 +318,17 @@ def _add_training_options(p: argparse.ArgumentParser, default_preset: str) -> No
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=non_negative,
         default=min(8, os.cpu_count() or 1),
         help="loader processes (per torchrun process) for large images; in-memory CIFAR needs none",
     )
     p.add_argument(
-        "--device", default=_default_device(), help="torch device; under torchrun, cuda means each process's own GPU"
+        "--device",
+        type=device,
+        default=_default_device(),
+        help="torch device; under torchrun, cuda means each process's own GPU",
     )
+    _add_class_names_option(p)
 
 
 def _add_precision_options(p: argparse.ArgumentParser) -> None:
@@ -355,8 +403,8 @@ def _positive_float(text: str) -> float:
 
 def _positive(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    if not 1 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"must be a positive integer below 2**31, got {text}")
     return value
 
 
@@ -440,6 +488,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Export a model file and check the result numerically."""
     if args.dynamic_batch and args.format != "onnx":
         raise UsageError("--dynamic-batch applies to --format onnx")
+    check_output(args.out, [args.model])
     mf = load_model(args.model)
     try:
         error = export(
@@ -452,6 +501,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_import(args: argparse.Namespace) -> None:
     """Convert weights and save a model file."""
+    check_output(args.out, [args.weights])
     mf = import_weights(args.arch, args.weights, args.normalize)
     mf.save(args.out)
     print(
@@ -464,7 +514,7 @@ def _calibration(args: argparse.Namespace, mf: ModelFile) -> Iterator[tuple[Tens
     if not args.data:
         raise UsageError(f"--data is needed to score with {args.criterion}")
     train = load_split(args.data, "train")
-    _check_classes(train, mf)
+    _check_classes(train, mf, args)
     wanted = args.batches * args.batch_size
     if len(train) < wanted:
         warnings.warn(
@@ -473,9 +523,8 @@ def _calibration(args: argparse.Namespace, mf: ModelFile) -> Iterator[tuple[Tens
     return mf.batches(train, args.batch_size, shuffle=True, seed=args.seed, limit=wanted, workers=args.workers)
 
 
-def _check_classes(split: ImageSplit, mf: ModelFile) -> None:
-    if len(split.classes) != len(mf.classes):
-        raise UsageError(f"the data has {len(split.classes)} classes, the model {len(mf.classes)}")
+def _check_classes(split: ImageSplit, mf: ModelFile, args: argparse.Namespace) -> None:
+    mf.check_classes(split.classes, ignore_names=args.ignore_class_names)
 
 
 def _scores(args: argparse.Namespace, mf: ModelFile) -> tuple[dict[str, Tensor], dict[str, Any], bool]:
@@ -494,34 +543,20 @@ def _scores(args: argparse.Namespace, mf: ModelFile) -> tuple[dict[str, Tensor],
 
 
 def _read_scores(path: str, mf: ModelFile) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: cannot read scores JSON ({e})") from None
-    if not isinstance(d, dict) or d.get("format") != SCORES_FORMAT:
-        raise UsageError(f"{path}: not a scores file written by `chip score`")
-    widths = mf.model.widths
-    layers = d.get("layers", {})
-    for conv, c in widths.items():
-        if not isinstance(layers.get(conv), list) or len(layers[conv]) != c:
-            raise UsageError(f"{path}: no scores for the {c} channels of {conv}; were they made for another model?")
-    scores = {conv: torch.tensor(layers[conv], dtype=torch.float64) for conv in widths}
-    return scores, {k: d[k] for k in ("criterion", "images", "seed", "processes") if k in d}
+    return read_scores(path, mf.arch, mf.model.widths)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
     """Score every prunable channel and save the scores."""
+    check_output(args.out, [args.model, args.data])
     mf = load_model(args.model)
     scores, how, writer = _scores(args, mf)
     if not writer:
         return
-    save_json(
-        {"format": SCORES_FORMAT, "arch": mf.arch, **how, "layers": {conv: s.tolist() for conv, s in scores.items()}},
-        args.out,
-    )
+    write_scores(args.out, mf.arch, how, scores)
     print(
         f"wrote {args.out}: {how['criterion']} scores of {len(scores)} layers"
-        + (f" from {how['images']} images" if how["images"] else ""),
+        + (f" from {how['images']} image{'s' * (how['images'] != 1)}" if how["images"] else ""),
         file=sys.stderr,
     )
 
@@ -534,6 +569,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         raise UsageError("--recalibrate-bn needs --data (its batches come from the train split)")
     if args.flops_target is None and args.global_scope:
         raise UsageError("--global applies to --flops-target")
+    check_output(args.out, [args.scores, args.data, None if args.overwrite_input else args.model], hint=_OVERWRITE)
     mf = load_model(args.model)
     if args.flops_target is not None:
         pruned, how = _prune_to_flops(args, mf)
@@ -588,6 +624,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
     _emit(args, result, text)
 
 
+_OVERWRITE = " (or --overwrite-input, where it is the model file, to replace it)"
+
+
 def _prune_to_flops(args: argparse.Namespace, mf: ModelFile) -> tuple[RegistryModel, dict[str, Any]]:
     """The registry model pruned by prune_model to --flops-target, with its widths set from its convs."""
     if args.scores:
@@ -639,8 +678,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a model file on a split."""
     mf = load_model(args.model)
     split = load_split(args.data, args.split)
-    _check_classes(split, mf)
-    stream = mf.batches(split, args.batch_size, limit=args.limit, workers=args.workers)
+    _check_classes(split, mf, args)
+    sample = args.limit is not None and args.limit < len(split)  # a seeded random sample, not the first classes
+    stream = mf.batches(split, args.batch_size, limit=args.limit, shuffle=sample, seed=args.seed, workers=args.workers)
     precision = choose(args.amp, args.channels_last, torch.device(args.device))
     result = {
         "model": args.model,
@@ -648,11 +688,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
         **evaluate(mf.model, stream, device=args.device, precision=precision, progress=True),
         "precision": precision.amp,
     }
+    if sample:
+        result["sample"] = {"of": len(split), "seed": args.seed}
     _emit(
         args,
         result,
         f"{args.model} on {args.split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-        f"({result['images']} images, {precision.describe()})",
+        f"({result['images']} images"
+        + (f", a random sample of the {len(split)} with seed {args.seed}" if sample else "")
+        + f"; {precision.describe()})",
     )
 
 
@@ -663,8 +707,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         raise UsageError("--kd-weight and --kd-temperature apply to --teacher")
     teacher = None if args.teacher is None else load_teacher(args.teacher, mf, args.model)
     with distributed(args.device) as place:
-        train, test = load_data(args.data, args.val_data, args.train_subset, args.seed, place)
-        _check_classes(train, mf)
+        train, test = load_data(args.data, args.val_data, args.train_subset, args.seed, place, args.ignore_class_names)
+        _check_classes(train, mf, args)
         preset = "paper-imagenet" if mf.input_size > 32 else "paper-cifar"
         about = {"command": "finetune", "model": args.model}
         if teacher is not None:
@@ -676,7 +720,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Train an architecture from scratch into a run folder."""
     mean, std = parse_normalization(args.normalize)
     with distributed(args.device) as place:
-        train, test = load_data(args.data, args.val_data, args.train_subset, args.seed, place)
+        train, test = load_data(args.data, args.val_data, args.train_subset, args.seed, place, args.ignore_class_names)
         torch.manual_seed(args.seed)  # the initial weights
         model = create_model(args.arch, None, len(train.classes))
         mf = ModelFile(args.arch, model, mean, std, train.classes, {"trained_from_scratch": args.arch})
@@ -703,6 +747,7 @@ def _fit(
         weight, temperature = getattr(args, "kd_weight", KD_WEIGHT), getattr(args, "kd_temperature", KD_TEMPERATURE)
         cfg = dataclasses.replace(cfg, teacher=teacher.sha256, kd_weight=weight, kd_temperature=temperature)
     run = Path(args.out_dir)
+    check_run_folder(run, [getattr(args, "model", None), args.data, args.val_data])
     history = fit(
         mf,
         train,

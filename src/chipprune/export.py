@@ -5,9 +5,13 @@ normalization of the model file is built in. Output `logits` [B, classes]."""
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,7 +65,7 @@ def export(
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit: still the TorchScript format users ask for
         warnings.simplefilter("ignore", UserWarning)  # the ONNX exporter's shape-inference notes; checked below
-        staged = Path(tmp) / Path(path).name
+        staged = Path(tmp) / "model"
         if fmt == "onnx":
             _to_onnx(model, example, staged, opset, dynamic_batch)
         else:
@@ -69,11 +73,17 @@ def export(
                 torch.jit.save(torch.jit.trace(model, example), str(staged))
         # A different batch size where it may vary: a batch-size-specialized graph must not pass unnoticed.
         check = torch.rand(batch_size + 2 if dynamic_batch or fmt == "torchscript" else batch_size, 3, size, size)
+        with torch.no_grad():
+            expected = model(check)
+        if not bool(torch.isfinite(expected).all()):
+            raise ExportError("the model's own outputs are not finite (NaN or Inf): there is nothing to check against")
         try:
-            error = relative_error(run_exported(staged, fmt, check), model(check).detach())
+            error = relative_error(run_exported(staged, fmt, check), expected)
         except Exception as e:  # the runtimes raise their own types; the first line says what failed
             raise ExportError(f"the exported model fails on a batch of {len(check)}: {reason(e)}") from None
-        if error > TOLERANCE:
+        if math.isnan(error):
+            raise ExportError("the exported model's outputs are not finite (NaN or Inf) where PyTorch's are")
+        if not error <= TOLERANCE:
             raise ExportError(f"the exported model differs from PyTorch: relative error {error:.2e} > {TOLERANCE}")
         atomic_write(path, staged.read_bytes())
     return error
@@ -81,16 +91,41 @@ def export(
 
 def _to_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, dynamic_batch: bool) -> None:
     axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        dynamo=False,
-        opset_version=opset,
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_axes=axes,
-    )
+    try:
+        with _no_stdout():  # where an export fails, torch prints its whole IR graph to stdout
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes=axes,
+            )
+    except (RuntimeError, ValueError, TypeError, torch.onnx.errors.OnnxExporterError) as e:
+        if "memory" in str(e):
+            raise
+        why = reason(e).split("[Caused by")[0].strip()[:200]
+        raise ExportError(
+            f"torch cannot export the model to ONNX at opset {opset} ({why}); opset 17, the default, can"
+        ) from None
+
+
+@contextmanager
+def _no_stdout() -> Iterator[None]:
+    """Within, whatever is written to file descriptor 1 (by C++ as well as Python) is discarded."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def run_exported(path: str | os.PathLike, fmt: str, images: Tensor) -> Tensor:
@@ -106,5 +141,7 @@ def run_exported(path: str | os.PathLike, fmt: str, images: Tensor) -> Tensor:
 
 
 def relative_error(got: Tensor, expected: Tensor) -> float:
-    """Max absolute difference over the largest magnitude of `expected`."""
+    """Max absolute difference over the largest magnitude of `expected`: NaN if either holds a NaN or an Inf."""
+    if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(expected).all())):
+        return math.nan
     return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))

@@ -355,7 +355,7 @@ def _pruned(
 
 def _search(model: nn.Module, example_inputs: Tensor, trial: Callable[[float], nn.Module], target: float) -> nn.Module:
     """The pruned model whose FLOPs are within 2 % of `target` × the model's, bisecting on the pruning ratio."""
-    if target == 1:
+    if 1 - target <= FLOPS_TOLERANCE * target:  # keeping everything is within the tolerance
         return trial(0.0)
     base = count_macs(model, example_inputs)
     lo, hi, best_kept = 0.0, 1.0, 1.0

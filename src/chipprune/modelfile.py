@@ -8,8 +8,10 @@ and, in a training run's checkpoint, `training`: optimizer state, step, RNG stat
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import ImageSplit, batches
-from .fileio import load_reason, reason, save_torch
+from .fileio import kind, load_reason, reason, save_torch
 from .models import ARCHS, RegistryModel, create_model, get_arch
 from .models.resnet_cifar import ChannelShortcut
 
@@ -55,6 +57,29 @@ class ModelFile:
         """`data.batches` prepared for this model: its normalization and input size (options as there)."""
         return batches(data, batch_size, mean=self.mean, std=self.std, image_size=self.input_size, **options)
 
+    def check_classes(self, names: list[str], *, ignore_names: bool = False) -> None:
+        """Refuse data whose classes are not this model's: another number of them, or other names (or the same in
+        another order), unless `ignore_names` (then they are matched by position, with a warning). A model whose
+        classes were never named (imported ImageNet weights: class_0, …) takes any names."""
+        if len(names) != len(self.classes):
+            raise ModelFileError(f"the data has {len(names)} classes, the model {len(self.classes)}")
+        if names == self.classes or self.classes == unnamed_classes(len(names)):
+            return
+        ours, theirs = set(self.classes), set(names)
+        if ours == theirs:
+            odd = [(m, d) for m, d in zip(self.classes, names, strict=True) if m != d]
+            shown = "the same classes in another order: " + ", ".join(
+                f"{d!r} where the model has {m!r}" for m, d in odd[:3]
+            )
+        else:
+            shown = f"the data has {_listed(theirs - ours)}, the model {_listed(ours - theirs)} instead"
+        if ignore_names:
+            warnings.warn(f"matching the data's classes to the model's by position ({shown})", stacklevel=2)
+            return
+        raise ModelFileError(
+            f"the data's classes are not the model's: {shown}; give --ignore-class-names to match them by position"
+        )
+
     def save(self, path: str | os.PathLike, training: dict[str, Any] | None = None) -> None:
         """Write atomically (a crash leaves the old file or the new one, never half of one), with any training state."""
         payload: dict[str, Any] = {
@@ -73,11 +98,12 @@ class ModelFile:
         save_torch(payload, path)
 
 
-def safe_load(path: str | os.PathLike) -> Any:
-    """torch.load that refuses anything but tensors and plain containers."""
+def safe_load(path: str | os.PathLike, what: str = "model file") -> Any:
+    """torch.load that refuses anything but tensors and plain containers, and any path but a regular file."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"{path}: no such file")
+        there = kind(path)
+        raise ModelFileError(f"{path}: no such file" if there == "nothing" else f"{path} is {there}, not a {what}")
     if path.stat().st_size == 0:
         raise ModelFileError(f"{path}: empty file (0 bytes)")
     try:
@@ -85,10 +111,49 @@ def safe_load(path: str | os.PathLike) -> Any:
             warnings.simplefilter("ignore", UserWarning)  # torch's note on the pickle protocol, before it refuses
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
+        foreign = _foreign(path, what)
+        if foreign:
+            raise ModelFileError(f"{path} is {foreign}") from None
         raise ModelFileError(
             f"{path}: cannot be read safely as a weights file: corrupt or truncated, or holding "
             f"objects other than tensors and plain containers ({load_reason(e, path)})"
         ) from None
+
+
+def _foreign(path: Path, what: str) -> str | None:
+    """What a file that torch cannot load is instead of a `what`, where its first bytes tell: ONNX, TorchScript, …"""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None
+        if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+            return f"a TorchScript archive, not a {what}: give the model file it was exported from"
+        return None
+    if head[:1] == b"\x08" and (b"pytorch" in head[:64] or path.suffix.lower() == ".onnx"):
+        return f"an ONNX model, not a {what}: give the model file it was exported from"
+    signatures = {
+        b"\x1f\x8b": "a gzip archive",
+        b"\x89PNG": "a PNG image",
+        b"\xff\xd8\xff": "a JPEG image",
+        b"\x89HDF": "an HDF5 file",
+        b"BZh": "a bzip2 archive",
+        b"\xfd7zXZ": "an xz archive",
+    }
+    for magic, found in signatures.items():
+        if head.startswith(magic):
+            return f"{found}, not a {what}"
+    if head[257:262] == b"ustar":
+        return f"a tar archive, not a {what}"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return f"JSON or other text, not a {what}"
+    return None
 
 
 def load_model(path: str | os.PathLike) -> ModelFile:
@@ -102,6 +167,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelFile, dict[str, Any] 
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a chipprune model file (convert third-party weights with `chip import`)")
     _check_fields(d, str(path))
+    _check_widths(d["arch"], d["widths"], str(path))
+    try:
+        head = (d["num_classes"], _head_inputs(d["arch"], d["widths"]))
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:  # widths the architecture cannot be built with
+        raise ModelFileError(f"{path}: its widths do not fit {d['arch']}: {reason(e)}") from None
+    if not any(tuple(t.shape) == head for t in d["state_dict"].values()):  # before a head of so many rows is built
+        raise ModelFileError(f"{path}: damaged model file: no head of its {d['num_classes']} classes in its weights")
     try:
         model = create_model(d["arch"], d["widths"], d["num_classes"])
     except (ValueError, TypeError, KeyError, RuntimeError) as e:  # widths the architecture cannot be built with
@@ -117,8 +189,14 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelFile, dict[str, Any] 
 def _check_fields(d: dict[str, Any], source: str) -> None:
     """Raise a ModelFileError naming the first field of a model file dict that is missing or of the wrong kind."""
 
+    def finite(x: object) -> bool:
+        try:
+            return type(x) in (int, float) and math.isfinite(x)  # type: ignore[arg-type]
+        except OverflowError:  # an int beyond float64
+            return False
+
     def numbers(v: object) -> bool:
-        return isinstance(v, list | tuple) and len(v) == 3 and all(isinstance(x, int | float) for x in v)
+        return isinstance(v, list | tuple) and len(v) == 3 and all(finite(x) for x in v)
 
     checks = {
         "arch": lambda v: v in ARCHS,
@@ -143,6 +221,22 @@ def _check_fields(d: dict[str, Any], source: str) -> None:
             raise ModelFileError(f"{source}: damaged model file: {what}")
 
 
+def _check_widths(arch: str, widths: dict[str, int], source: str) -> None:
+    """Refuse, before anything is built, widths of other convs than the architecture's or wider than it at full
+    width (pruning only removes channels): the model built then takes no more memory than the full architecture.
+    (A model file's head must also have the rows of its classes: its own weights back every size.)"""
+    full = get_arch(arch).widths_for_rates([0.0] * get_arch(arch).num_rates)
+    odd = sorted(set(widths) ^ set(full))
+    if odd:
+        raise ModelFileError(f"{source}: its widths do not fit {arch}: {', '.join(odd[:5])}")
+    wide = [conv for conv, c in widths.items() if c > full[conv]]
+    if wide:
+        raise ModelFileError(
+            f"{source}: its widths do not fit {arch}: {wide[0]} has {widths[wide[0]]} channels, "
+            f"{arch} at full width {full[wide[0]]}"
+        )
+
+
 def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Load weights, or raise one error listing every mismatched name and shape."""
     ours = model.state_dict()
@@ -154,10 +248,34 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None
         for k, v in state.items()
         if k in ours and not _is_shortcut_map(model, k) and v.shape != ours[k].shape
     ]
+    problems += [
+        f"{k}: {v.dtype} where the model has {ours[k].dtype}"
+        for k, v in state.items()
+        if k in ours and v.dtype != ours[k].dtype and (v.is_complex() or not _same_kind(v.dtype, ours[k].dtype))
+    ]
     if problems:
         shown = "; ".join(problems[:12]) + (f"; … ({len(problems)} in all)" if len(problems) > 12 else "")
         raise ModelFileError(f"{source}: weights do not fit the architecture: {shown}")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ModelFileError(f"{source}: damaged weights: non-finite values (NaN or Inf) in {bad}")
     model.load_state_dict(state, strict=False)
+
+
+def _head_inputs(arch: str, widths: dict[str, int] | None = None) -> int:
+    """The input features of the classifier (the last Linear) of an architecture at `widths` (no wider than at full
+    width), built with one class: on the meta device (nothing allocated) where the architecture builds there."""
+    try:
+        with torch.device("meta"):
+            model = create_model(arch, widths, 1)
+    except (NotImplementedError, RuntimeError):
+        model = create_model(arch, widths, 1)
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].in_features
+
+
+def _same_kind(a: torch.dtype, b: torch.dtype) -> bool:
+    """Whether tensors of dtype `a` load into `b` without losing what they mean: float into float, int into int."""
+    return a.is_floating_point == b.is_floating_point and (a == torch.bool) == (b == torch.bool)
 
 
 def _is_shortcut_map(model: nn.Module, key: str) -> bool:
@@ -174,8 +292,8 @@ def parse_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]
         mean, std = (tuple(float(v) for v in part.split(",")) for part in text.split(":"))
     except ValueError:
         raise ModelFileError(f"normalization must be imagenet, cifar or m1,m2,m3:s1,s2,s3, got {text!r}") from None
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ModelFileError(f"normalization needs 3 means and 3 positive stds, got {text!r}")
+    if len(mean) != 3 or len(std) != 3 or not all(map(math.isfinite, mean + std)) or min(std) <= 0:
+        raise ModelFileError(f"normalization needs 3 finite means and 3 finite positive stds, got {text!r}")
     return mean, std
 
 
@@ -187,7 +305,7 @@ def import_weights(
     Accepts the `module.` prefix of DataParallel, the head named `linear` (public CIFAR ResNets) or `fc`
     (CHIP/HRank, torchvision), and pruned widths, read from the conv weights' shapes."""
     mean, std = parse_normalization(normalize)
-    ckpt = safe_load(weights)
+    ckpt = safe_load(weights, "weights file")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ModelFileError(f"{weights}: expected a state_dict of tensors, or a dict holding one under 'state_dict'")
@@ -198,11 +316,29 @@ def import_weights(
     widths = {conv: _rows(state.get(f"{conv}.weight"), 4) or c for conv, c in full.widths.items()}  # type: ignore[union-attr, operator]
     head = state.get("fc.weight", state.get("classifier.linear2.weight"))
     num_classes = _rows(head, 2) or get_arch(arch).num_classes
+    _check_widths(arch, widths, str(weights))
+    inputs = _head_inputs(arch, widths)
+    if head is not None and head.dim() == 2 and head.shape[1] != inputs:  # refused before a head is built
+        raise ModelFileError(
+            f"{weights}: weights do not fit the architecture: head: shape {tuple(head.shape)} where the model has "
+            f"({num_classes}, {inputs})"
+        )
     model = create_model(arch, widths, num_classes)
     _load_state(model, state, str(weights))
     if classes is None:
-        classes = CIFAR10_CLASSES if num_classes == 10 else [f"class_{i}" for i in range(num_classes)]
+        classes = CIFAR10_CLASSES if num_classes == 10 else unnamed_classes(num_classes)
     return ModelFile(arch, model, mean, std, classes, {"imported_from": Path(weights).name})
+
+
+def _listed(names: set[str]) -> str:
+    """A few names, quoted, and how many there are in all."""
+    shown = ", ".join(repr(n) for n in sorted(names)[:3])
+    return shown + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
+
+
+def unnamed_classes(n: int) -> list[str]:
+    """The class names of a model whose classes were not named (ImageNet weights): class_0, class_1, …"""
+    return [f"class_{i}" for i in range(n)]
 
 
 def _rows(t: Tensor | None, dim: int) -> int:

@@ -36,6 +36,7 @@ from .fileio import atomic_write, save_json, sha256, stale_temps
 from .modelfile import ModelFile, load_checkpoint, load_model
 from .models import RegistryModel
 from .precision import FLOAT32, Precision
+from .runs import LossWatch, Stopped, check_compile, check_identity, holding_lock, identity, refuse_previous, until
 
 LOG_EVERY = 10  # steps between progress-bar updates: each one waits for the device
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "curves.png")
@@ -160,9 +161,10 @@ PRESETS = {
 
 
 def load_data(
-    source: str, val_source: str | None, subset: int | None, seed: int, place: Place
+    source: str, val_source: str | None, subset: int | None, seed: int, place: Place, ignore_class_names: bool = False
 ) -> tuple[ImageSplit, ImageSplit | None]:
-    """The train split (a seeded subset of it, if asked) and the evaluation split, if there is one."""
+    """The train split (a seeded subset of it, if asked) and the evaluation split, if there is one, with the same
+    classes (or, with `ignore_class_names`, as many, matched by position)."""
     train = load_split(source, "train", progress=place.writer)
     if subset is not None:
         if subset > len(train) and place.writer:
@@ -186,7 +188,13 @@ def load_data(
             warnings.warn(f"no evaluation split ({e}): training without evaluation, so no best.pt", stacklevel=2)
         return train, None
     if test.classes != train.classes:
-        raise TrainError(f"the evaluation split's classes differ from the train split's: {val_source or source}")
+        if not ignore_class_names or len(test.classes) != len(train.classes):
+            raise TrainError(
+                f"the evaluation split's classes differ from the train split's: {val_source or source}"
+                + ("" if ignore_class_names else " (--ignore-class-names matches as many by position)")
+            )
+        if place.writer:
+            warnings.warn("matching the evaluation split's classes to the train split's by position", stacklevel=2)
     return train, test
 
 
@@ -199,6 +207,7 @@ def lr_at(step: int, cfg: Config, steps_per_epoch: int) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, decay)))
 
 
+@holding_lock  # one process at a time in a run folder
 def fit(
     mf: ModelFile,
     train: ImageSplit,
@@ -230,17 +239,21 @@ def fit(
         )
     if cfg.sync_bn and place.world > 1 and place.device.type == "cpu":
         raise TrainError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on CPU")
+    check_compile(compile, place.device)
     last = run / "last.pt"
     state: dict[str, Any]
     resuming = resume and last.exists()
+    ident = identity(about, mf.arch, mf.mean, mf.std, train, test)  # what the run is of: a resume must match it
     if resuming:
         mf, state = _resume(last, cfg)
+        check_identity(state.get("identity"), ident, last)
     elif last.exists():
         raise TrainError(f"{run} already holds a run: --resume to continue it, or choose another --out-dir")
     else:
+        refuse_previous(run)
         if resume and place.writer:  # one command line for the first start and every restart
             print(f"--resume: no {last} yet, starting the run", file=sys.stderr)
-        state = {"step": 0, "history": [], "best_top1": None, "partial": Tally()}
+        state = {"step": 0, "history": [], "best_top1": None, "partial": Tally(), "identity": ident}
     if place.writer:
         print(f"precision: {precision.describe()}", file=sys.stderr)
         _remove_stale_temps(run)
@@ -300,6 +313,17 @@ def fit(
         }
         ModelFile(mf.arch, model, mf.mean, mf.std, mf.classes, meta).save(path, training)
 
+    def stop(partial: Tally, epoch: int) -> None:
+        """Save last.pt with the epoch's sums so far, say where, and stop (every process: KeyboardInterrupt)."""
+        state["partial"] = partial
+        if place.writer:
+            save(last, _training_state(state, cfg, opt, scaler, device))
+            print(
+                f"stopped: saved {last} at epoch {epoch}, step {state['step']}; continue with --resume", file=sys.stderr
+            )
+        barrier(place)  # no process may exit (and have torchrun end the others) before the save
+        raise KeyboardInterrupt
+
     history: list[dict[str, Any]] = state["history"]
     with _stop_requests() as stop_asked:
         for epoch in range(len(history) + 1, cfg.epochs + 1):
@@ -329,27 +353,29 @@ def fit(
                 disable=not progress or not place.writer,
             )
             net.train()
+            watch = LossWatch(device)  # the first step of a non-finite loss, if any
             for done, (x, y) in enumerate(bar, 1):
                 if precision.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 _step(net, teacher, opt, scaler, x, y, lr_at(state["step"], cfg, steps), cfg, precision, sums)
                 state["step"] += 1
+                watch.see(sums.loss, state["step"])
                 if done % LOG_EVERY == 0:
                     rate = done * cfg.batch_size / (time.perf_counter() - began)
                     bar.set_postfix_str(f"loss {float(sums.loss / sums.images):.3f}, {rate:.0f} img/s")
+                    if place.world == 1:
+                        watch.check(epoch, steps)
                 if on_any(stop_asked(), place):
-                    state["partial"] = sums.reduced(place, before + time.perf_counter() - began)
-                    if place.writer:
-                        save(last, _training_state(state, cfg, opt, scaler, device))
-                        print(
-                            f"stopped: saved {last} at epoch {epoch}, step {state['step']}; continue with --resume",
-                            file=sys.stderr,
-                        )
-                    barrier(place)  # no process may exit (and have torchrun end the others) before the save
-                    raise KeyboardInterrupt
+                    partial = sums.reduced(place, before + time.perf_counter() - began)
+                    watch.check(epoch, steps, partial.loss)  # no checkpoint of non-finite weights
+                    stop(partial, epoch)
             bar.close()
             epoch_sums = sums.reduced(place, before + time.perf_counter() - began)
-            top1, top5 = _evaluate(model, test, mf, cfg.batch_size, workers, place, precision, progress)
+            watch.check(epoch, steps, epoch_sums.loss)
+            try:
+                top1, top5 = _evaluate(model, test, mf, cfg.batch_size, workers, place, precision, progress, stop_asked)
+            except Stopped:  # asked during the evaluation: saved as at the epoch's last step, evaluated on resume
+                stop(epoch_sums, epoch)
             history.append(
                 {
                     "epoch": epoch,
@@ -440,12 +466,16 @@ def _evaluate(
     place: Place,
     precision: Precision,
     progress: bool,
+    stop_asked: Callable[[], bool] | None = None,
 ) -> tuple[float | None, float | None]:
-    """Test top-1 and top-5 over all the processes' shares of the split; None without a split."""
+    """Test top-1 and top-5 over all the processes' shares of the split; None without a split. In one process, a stop
+    asked meanwhile ends it at once (Stopped); under torchrun the processes stop at their next step together."""
     if test is None:
         return None, None
     broadcast_buffers(model, place)  # DDP left each process with BatchNorm statistics of its own share
     stream = mf.batches(test, batch_size, workers=workers, rank=place.rank, world=place.world, device=place.device)
+    if stop_asked is not None and place.world == 1:
+        stream = until(stop_asked, stream)
     r = evaluate(model, stream, device=place.device, precision=precision, progress=progress and place.writer)
     counts = torch.tensor(
         [r["top1"] * r["images"] / 100, r["top5"] * r["images"] / 100, r["images"]],

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import traceback
+import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -13,11 +16,31 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .sources import DataError, ImageSplit, open_image
+from .sources import SMALL, DataError, ImageSplit, open_image
 
 PAD = 4  # in-memory train crops come from the image zero-padded by PAD pixels on each side
 SCALE = (0.08, 1.0)  # random-resized-crop area range, as a fraction of the image
 RATIO = (3 / 4, 4 / 3)  # random-resized-crop aspect-ratio range (width / height)
+LAZY_SIZE = 224  # the input size of lazily read images where none is given
+T = TypeVar("T")
+
+_told: weakref.WeakSet[ImageSplit] = weakref.WeakSet()  # splits whose resizing was told: one warning each
+
+
+class Batches(Iterator[T]):
+    """An iterator of batches that knows how many it yields (so that progress bars show a total)."""
+
+    def __init__(self, batches: Iterator[T], count: int) -> None:
+        self._batches, self._count = batches, count
+
+    def __iter__(self) -> Batches[T]:
+        return self
+
+    def __next__(self) -> T:
+        return next(self._batches)
+
+    def __len__(self) -> int:
+        return self._count
 
 
 def batches(
@@ -31,7 +54,7 @@ def batches(
     seed: int = 0,
     limit: int | None = None,
     workers: int = 0,
-    image_size: int = 224,
+    image_size: int | None = None,
     drop_last: bool = False,
     start: int = 0,
     rank: int = 0,
@@ -41,7 +64,12 @@ def batches(
     """Batches of (normalized float32 images [B, 3, H, W], int64 labels [B]) on `device`: shuffled, augmented, limited.
 
     Order and augmentation depend on `seed` alone. With `world` processes, each batch is split among them and this
-    yields rank `rank`'s share; `start` skips the first batches (to resume an epoch)."""
+    yields rank `rank`'s share; `start` skips the first batches (to resume an epoch).
+
+    `image_size` is the side of the model's square input. In-memory images of another size are resized to it (one
+    warning per split); None keeps them as they are. Lazily read images are resized and center-cropped to it (224
+    if None), randomly for training, as on ImageNet; but for a CIFAR-size input (<= SMALL px), images of its size are
+    used as they are and others resized to it (one warning per split), with the in-memory images' augmentation."""
     if batch_size < 1 or (limit is not None and limit < 0):
         raise ValueError(f"batch_size must be >= 1 and limit >= 0, got {batch_size} and {limit}")
     if len(mean) != 3 or len(std) != 3:
@@ -52,12 +80,29 @@ def batches(
     spans = _spans(len(order), batch_size, drop_last, start, rank, world)
     if data.images is not None:
         crops = _crop_params(len(order), g, device) if train else None
+        size = tuple(data.images.shape[-2:])
+        resize = image_size if image_size is not None and size != (image_size, image_size) else None
+        if resize and data not in _told:
+            _told.add(data)
+            warnings.warn(
+                f"the images are {size[1]}x{size[0]} pixels, the model takes {resize}x{resize}: resizing them "
+                f"(bilinear{'' if size[0] == size[1] else ', aspect ratio not kept'})",
+                stacklevel=3,
+            )
         raw: Iterable[tuple[Tensor, Tensor]] = _memory_batches(
-            data.images.to(device), data.labels.to(device), order.to(device), crops, spans
+            data.images.to(device), data.labels.to(device), order.to(device), crops, spans, resize
         )
     else:
+        side = image_size or LAZY_SIZE
+        if side <= SMALL and data.large and data not in _told:
+            _told.add(data)
+            warnings.warn(
+                f"images over {SMALL} px (as {data.large}) are resized to the model's {side}x{side}, "
+                f"images of {side}x{side} used as they are",
+                stacklevel=3,
+            )
         seeds = torch.randint(2**62, (len(order),), generator=g)  # one per image: the same whatever `workers`
-        dataset = _LazyImages(data, order, seeds, train, image_size)
+        dataset = _LazyImages(data, order, seeds, train, side)
         loader = DataLoader(
             dataset,
             batch_sampler=[list(range(lo, hi)) for lo, hi in spans],
@@ -67,7 +112,7 @@ def batches(
         raw = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in _one_line_errors(loader))
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return ((x.float().div_(255).sub_(m).div_(s), y) for x, y in raw)
+    return Batches(((x.float().div_(255).sub_(m).div_(s), y) for x, y in raw), len(spans))
 
 
 def share(n: int, rank: int, world: int) -> slice:
@@ -90,12 +135,20 @@ def _spans(n: int, batch_size: int, drop_last: bool, start: int, rank: int, worl
 
 
 def _memory_batches(
-    images: Tensor, labels: Tensor, order: Tensor, crops: tuple[Tensor, Tensor] | None, spans: list[tuple[int, int]]
+    images: Tensor,
+    labels: Tensor,
+    order: Tensor,
+    crops: tuple[Tensor, Tensor] | None,
+    spans: list[tuple[int, int]],
+    resize: int | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """uint8 batches of in-memory images, on their device; padded-cropped and flipped where `crops` are given."""
+    """uint8 batches of in-memory images, on their device; padded-cropped and flipped where `crops` are given; then
+    resized to `resize` x `resize` (as float pixels, bilinear) where given."""
     for lo, hi in spans:
         idx = order[lo:hi]
         x = images[idx] if crops is None else _pad_crop_flip(images[idx], crops[0][lo:hi], crops[1][lo:hi])
+        if resize is not None:
+            x = F.interpolate(x.float(), size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
         yield x, labels[idx]
 
 
@@ -135,6 +188,15 @@ class _LazyImages(Dataset):
     def __getitem__(self, k: int) -> tuple[Tensor, Tensor]:
         i = int(self.order[k])
         img = open_image(self.data, i)
+        if self.size <= SMALL:  # a CIFAR-size input: its size as it is, other sizes resized to it
+            if img.size != (self.size, self.size):
+                img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
+            x = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+            if self.train:  # as in memory: a crop of the zero-padded image, and a flip
+                g = torch.Generator().manual_seed(int(self.seeds[k]))
+                offsets, flip = _crop_params(1, g, x.device)
+                x = _pad_crop_flip(x[None], offsets, flip)[0]
+            return x, self.data.labels[i]
         if self.train:
             img = _random_resized_crop_flip(img, self.size, torch.Generator().manual_seed(int(self.seeds[k])))
         else:

@@ -18,17 +18,21 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from tqdm import tqdm
 
-from ..fileio import load_reason, reason, save_torch
+from ..fileio import OutputError, kind, load_reason, read_file, reason, save_torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 SPLITS = {"train": ("train",), "test": ("test", "val"), "val": ("val", "test")}  # asked split -> names to try
 SMALL = 64  # images with both sides <= SMALL (and all one size) are decoded once and kept in memory
-CACHE_VERSION = 1  # bump when the cache layout changes, so old files are not read
+LARGE_SHARE = 0.01  # a split is read lazily once more than this share of the images decoded so far are over SMALL
+CACHE_VERSION = 2  # bump when the cache layout or key changes, so old files are not read
+MAX_IMAGE_BYTES = 128 << 20  # an image file (or archive member) larger than this is refused unread
+MAX_CIFAR_BYTES = 256 << 20  # a CIFAR-10 python batch is about 30 MB
+CONVERTED = "chipprune: converted"  # in a decoded image's info: from what it was converted to 8-bit RGB
 
 T = TypeVar("T")
 
@@ -51,6 +55,7 @@ class ImageSplit:
     paths: list[str] | None = None  # lazy images: files, or members of `archive`
     archive: str | None = None  # uncompressed .tar holding the lazy images
     spans: Tensor | None = None  # int64 [N, 2]: (offset, size) of each member in `archive`
+    large: str | None = None  # lazy images: one of them over SMALL px, named with its size (for messages)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,11 +78,15 @@ def load_split(
     path = Path(source).expanduser().resolve()
     if not path.exists():
         raise DataError(f"no such file or folder: {path}")
+    if not (path.is_dir() or path.is_file()):
+        raise DataError(f"{path} is {kind(path)}: expected a folder, or a .tar/.tar.gz/.tgz archive")
     cache = _cache_file(path, split, cache_dir)
     cached = _load_cache(cache) if cache.is_file() else None
     if cached is not None:
         return cached
     data = _read(path, split, progress)
+    if len(data) == 0:
+        raise DataError(f"no images in the {split!r} split of {path}")
     if data.images is not None:
         _save_cache(cache, data)
     return data
@@ -87,7 +96,7 @@ def open_image(data: ImageSplit, i: int) -> Image.Image:
     """Open and decode image i of a lazy split as RGB."""
     assert data.paths is not None, "open_image needs a lazy split"
     if data.archive is None:
-        return _decode(_file_bytes(Path(data.paths[i])), data.paths[i])
+        return _decode(_file_bytes(Path(data.paths[i]), MAX_IMAGE_BYTES, "image"), data.paths[i])
     assert data.spans is not None
     offset, size = data.spans[i].tolist()
     with open(data.archive, "rb") as f:
@@ -107,7 +116,11 @@ def _read(path: Path, split: str, progress: bool) -> ImageSplit:
     if (path / "cifar-10-batches-py").is_dir():
         path = path / "cifar-10-batches-py"
     if (path / "batches.meta").is_file():
-        files = {n: _file_bytes(path / n) for n in _cifar_files(split) if (path / n).is_file()}
+        files = {
+            n: _file_bytes(path / n, MAX_CIFAR_BYTES, "CIFAR-10 file")
+            for n in _cifar_files(split)
+            if (path / n).is_file()
+        }
         return _cifar(files, str(path), split)
     if any((path / s).is_dir() for s in SPLITS):
         return _read_folder(path, split, progress)
@@ -131,11 +144,11 @@ def _read_folder(root: Path, split: str, progress: bool) -> ImageSplit:
     groups = {d.name: sorted(p for p in d.iterdir() if p.is_file() and _is_image(p.name)) for d in _dirs(split_dir)}
     others = {d.name for d in _dirs(root / other)} if other else None
     classes, files, labels = _flatten(groups, others, str(split_dir))
-    stream = ((i, _file_bytes(p), str(p)) for i, p in enumerate(files))
+    stream = ((i, _file_bytes(p, MAX_IMAGE_BYTES, "image"), str(p)) for i, p in enumerate(files))
     images = _decode_small(stream, len(files), f"{root.name}/{names[0]}", progress)
-    if images is not None:
+    if isinstance(images, Tensor):
         return ImageSplit(classes, labels, images)
-    return ImageSplit(classes, labels, paths=[str(p) for p in files])
+    return ImageSplit(classes, labels, paths=[str(p) for p in files], large=images)
 
 
 def _read_archives(archives: list[Path], split: str, progress: bool) -> ImageSplit:
@@ -154,7 +167,11 @@ def _read_archives(archives: list[Path], split: str, progress: bool) -> ImageSpl
                 if "batches.meta" in base:
                     # Read in archive order: one pass through a compressed archive.
                     needed = _cifar_files(split)
-                    files = {n: _member_bytes(tar, m) for n, m in zip(base, members, strict=True) if n in needed}
+                    files = {
+                        n: _member_bytes(tar, m, MAX_CIFAR_BYTES, path)
+                        for n, m in zip(base, members, strict=True)
+                        if n in needed
+                    }
                     return _cifar(files, str(path), split)
                 tree = _member_tree(members)
                 names = [s for s in SPLITS[split] if s in tree]
@@ -193,9 +210,9 @@ def _read_tree_archive(
     classes, members, labels = _flatten(tree[split], set(tree[other]) if other else None, f"{path}:{split}")
     # Read in archive order, so that a compressed archive is decompressed in one forward pass.
     in_order = sorted(enumerate(members), key=lambda im: im[1].offset)
-    stream = ((i, _member_bytes(tar, m), f"{m.name} in {path}") for i, m in in_order)
+    stream = ((i, _member_bytes(tar, m, MAX_IMAGE_BYTES, path), f"{m.name} in {path}") for i, m in in_order)
     images = _decode_small(stream, len(members), f"{path.name} {split}", progress)
-    if images is not None:
+    if isinstance(images, Tensor):
         return ImageSplit(classes, labels, images)
     try:
         tarfile.open(path, "r:").close()
@@ -204,7 +221,7 @@ def _read_tree_archive(
             f"images over {SMALL} px are read lazily, from a folder or an uncompressed .tar: extract {path}"
         ) from None
     spans = torch.tensor([[m.offset_data, m.size] for m in members], dtype=torch.int64)
-    return ImageSplit(classes, labels, paths=[m.name for m in members], archive=str(path), spans=spans)
+    return ImageSplit(classes, labels, paths=[m.name for m in members], archive=str(path), spans=spans, large=images)
 
 
 def _other_split(split: str, present: list[str]) -> str | None:
@@ -238,53 +255,88 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _file_bytes(path: Path) -> bytes:
-    """The contents of a file."""
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or reason(e)}") from None
+def _file_bytes(path: Path, limit: int, what: str) -> bytes:
+    """The contents of a regular file of at most `limit` bytes."""
+    return read_file(path, limit=limit, what=what, error=DataError)
 
 
-def _member_bytes(tar: tarfile.TarFile, member: TarInfo) -> bytes:
-    """The contents of a file in an archive."""
+def _member_bytes(tar: tarfile.TarFile, member: TarInfo, limit: int, archive: Path) -> bytes:
+    """The contents of a file in an archive, refused unread if its header says it is over `limit` bytes."""
+    if member.size > limit:
+        raise DataError(
+            f"archive member {member.name} in {archive} is {member.size:,} bytes, over the {limit >> 20} MB a "
+            "member may have here"
+        )
     f = tar.extractfile(member)
     if f is None:
         raise DataError(f"archive member {member.name} is not a regular file")
-    return f.read()
+    return f.read(limit)
 
 
 # ---- decoding ----------------------------------------------------------------------------------------------
 
 
 def _decode(raw: bytes, name: str) -> Image.Image:
-    """Decode an encoded image to RGB."""
+    """Decode an encoded image to 8-bit RGB: 16-bit pixels scaled (not clipped) to 8 bits; float pixels, whose range
+    is unknown, refused; images over Pillow's pixel limit (decompression bombs) refused before they are decoded."""
     if not raw:
         raise DataError(f"empty image file {name} (0 bytes)")
     try:
-        return Image.open(io.BytesIO(raw)).convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"refusing image {name}: {reason(e).split(', could')[0]} (a decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise DataError(f"cannot decode image {name}: cannot identify its format (damaged, or not an image)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise DataError(f"cannot decode image {name}: {reason(e)}") from None
+    if img.mode == "F":
+        raise DataError(f"cannot use image {name}: its pixels are 32-bit floats, of no fixed range; save it as 8 bits")
+    if img.mode.startswith("I"):  # 16-bit (I;16, I;16B, ...) or 32-bit integer grey levels
+        pixels = np.asarray(img, dtype=np.int64)
+        if pixels.min(initial=0) < 0 or pixels.max(initial=0) > 65535:
+            raise DataError(f"cannot use image {name}: its grey levels are beyond 16 bits; save it as 8 or 16 bits")
+        if img.mode == "I" and pixels.max(initial=0) <= 255:  # 8-bit levels held in 32 bits
+            return Image.fromarray(pixels.astype(np.uint8), "L").convert("RGB")
+        rgb = Image.fromarray(np.rint(pixels / 257).astype(np.uint8), "L").convert("RGB")  # 65535 -> 255
+        rgb.info[CONVERTED] = "16-bit"
+        return rgb
+    try:
+        return img.convert("RGB")
+    except (OSError, ValueError) as e:
         raise DataError(f"cannot decode image {name}: {reason(e)}") from None
 
 
-def _decode_small(stream: Iterator[tuple[int, bytes, str]], n: int, desc: str, progress: bool) -> Tensor | None:
-    """Decode (index, bytes, name) images to uint8 [n, 3, H, W]; None (early) unless all are <= SMALL px.
+def _decode_small(stream: Iterator[tuple[int, bytes, str]], n: int, desc: str, progress: bool) -> Tensor | str:
+    """Decode (index, bytes, name) images to uint8 [n, 3, H, W] if they are small (<= SMALL px); else, as soon as
+    the large ones are over LARGE_SHARE of the images decoded so far, give up and return one of them, named with its
+    size: a dataset of large images (some of them small) is read lazily, each image resized.
 
-    Small images are kept as one tensor, used as they are (no resize): they must all be one size. A mix of sizes
-    among them is an error naming two files, found once every image is known to be small."""
+    Small images are kept as one tensor and used as they are, so they must all be one size: a few images of another
+    size among them, smaller or larger, are an error naming two files, found once every image is decoded. Images
+    converted to 8 bits (16-bit ones) are told in one warning."""
     i, raw, first = next(stream)
     img = _decode(raw, first)
     if max(img.size) > SMALL:
-        return None
+        return f"{first} ({_wxh(img.size)})"
     size = img.size
     out = np.empty((n, img.height, img.width, 3), np.uint8)
     out[i] = np.asarray(img)
     odd: tuple[str, tuple[int, int]] | None = None  # the first image of another size
+    large = 0
+    converted = [first] if CONVERTED in img.info else []
     bar = tqdm(stream, desc=f"decoding {desc}", total=n, initial=1, unit="img", disable=not progress)
-    for i, raw, name in bar:
+    for decoded, (i, raw, name) in enumerate(bar, 2):
         img = _decode(raw, name)
+        if CONVERTED in img.info:
+            converted.append(name)
         if max(img.size) > SMALL:
-            return None  # a dataset of large images, some of them small: read lazily, each resized
+            large += 1
+            if large > LARGE_SHARE * decoded:
+                bar.close()
+                return f"{name} ({_wxh(img.size)})"  # a dataset of large images, some of them small: read lazily
         if img.size != size:
             odd = odd or (name, img.size)
             continue
@@ -293,8 +345,19 @@ def _decode_small(stream: Iterator[tuple[int, bytes, str]], n: int, desc: str, p
         raise DataError(
             f"images of {SMALL} px or less are used unresized, so must all be one size: "
             f"{first} is {_wxh(size)}, {odd[0]} is {_wxh(odd[1])}"
+            + (f" ({large} over {SMALL} px: resize or remove them)" if large else "")
+        )
+    if converted:
+        warnings.warn(
+            f"{_count(len(converted), 'image')} of {desc} with 16-bit pixels (as {converted[0]}): scaled to 8 bits",
+            stacklevel=2,
         )
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 image', '2 images'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _wxh(size: tuple[int, int]) -> str:
@@ -375,13 +438,33 @@ def _cifar(files: dict[str, bytes], where: str, split: str) -> ImageSplit:
 
 
 def _cache_file(path: Path, split: str, cache_dir: str | os.PathLike | None) -> Path:
-    """Cache file of a source's split, keyed by its path, size and mtime (and those of a folder's entries)."""
+    """Cache file of a source's split, keyed by its path, size and mtime and, for a folder, those of every entry
+    that can go into the split: files three levels down (SPLIT/CLASS/IMAGE), other splits' folders themselves."""
     st = path.stat()
     key: list[object] = [CACHE_VERSION, str(path), split, st.st_size, st.st_mtime_ns]
     if path.is_dir():
-        key += sorted((e.name, *_size_mtime(e.path)) for e in os.scandir(path))
+        key += _tree_key(path, split)
     root = Path(cache_dir or os.environ.get("CHIP_CACHE_DIR") or Path.home() / ".cache/chipprune").expanduser()
     return root / f"{path.name}-{split}-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}.pt"
+
+
+def _tree_key(folder: Path, split: str) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime) of the entries under `folder`, three levels deep, sorted; the folders of other
+    splits than `split` are not entered (their own mtime changes when a class is added, removed or renamed)."""
+    found = []
+    stack: list[tuple[str, str, int]] = [(str(folder), "", 0)]
+    while stack:
+        where, rel, depth = stack.pop()
+        try:
+            entries = list(os.scandir(where))
+        except OSError:
+            continue
+        for e in entries:
+            found.append((rel + e.name, *_size_mtime(e.path)))
+            other_split = depth == 0 and e.name in SPLITS and e.name not in SPLITS[split]
+            if depth < 2 and not other_split and e.is_dir():
+                stack.append((e.path, f"{rel}{e.name}/", depth + 1))
+    return sorted(found)
 
 
 def _size_mtime(path: str) -> tuple[int, int]:
@@ -394,11 +477,15 @@ def _size_mtime(path: str) -> tuple[int, int]:
 
 
 def _save_cache(cache: Path, data: ImageSplit) -> None:
-    """Write a decoded split atomically."""
+    """Write a decoded split atomically; where it cannot be written, say so and go on without it."""
     try:
         save_torch({"classes": data.classes, "labels": data.labels, "images": data.images}, cache)
-    except OSError as e:
-        raise DataError(f"cannot write cache {cache}: {reason(e)} (set cache_dir= or CHIP_CACHE_DIR)") from None
+    except OSError as e:  # an OutputError, from atomic_write
+        why = str(e) if isinstance(e, OutputError) else f"cannot write {cache}: {reason(e)}"
+        warnings.warn(
+            f"not caching the decoded images ({why}); set CHIP_CACHE_DIR to a folder that can be written",
+            stacklevel=3,
+        )
 
 
 def _load_cache(cache: Path) -> ImageSplit | None:

@@ -1,0 +1,225 @@
+"""The run folder of `chip finetune` and `chip train`, guarded: one process at a time (a lock), never another run's
+files overwritten, a resume only of the same run (its model file, data and sizes: its identity), training stopped
+at the first non-finite loss before any checkpoint is written from it, and a stop asked during evaluation obeyed.
+
+These guards live here so that the training loop (train.py) only calls them."""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import inspect
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sized
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import torch
+from torch import Tensor
+
+from .data import ImageSplit
+from .data.batching import Batches
+from .distributed import LOCAL, Place
+from .fileio import OutputError, check_output, kind, same_file
+
+LOCK = ".lock"  # in the run folder: holds the pid of the process that runs it, locked (flock) while it does
+PREVIOUS = ("best.pt", "metrics.jsonl", "curves.png")  # files of a previous run, beside its last.pt or not
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+
+class RunError(ValueError):
+    """A run folder that cannot be used as asked, or a run that cannot go on (one line saying why)."""
+
+
+class Stopped(Exception):
+    """A stop (SIGINT, SIGTERM) asked while evaluating: the caller saves and stops."""
+
+
+# ---- the folder --------------------------------------------------------------------------------------------
+
+
+def check_run_folder(run: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse, before any work, an --out-dir that is not a folder (or a new path), or one of whose run files would
+    replace an input of the command (the model file, a data source)."""
+    from .train import RUN_FILES  # here: train.py uses this module
+
+    text = os.fspath(run)
+    if not text.strip():
+        raise OutputError("empty --out-dir")
+    if os.path.lexists(text) and not os.path.isdir(text):
+        raise OutputError(f"--out-dir {text} is {kind(text)}, not a folder")
+    for name in RUN_FILES:
+        check_output(Path(text) / name, option="--out-dir")
+        source = next(
+            (s for s in inputs if s is not None and str(s) and same_file(Path(text, name).resolve(), s)), None
+        )
+        if source is not None:
+            raise OutputError(
+                f"--out-dir {text} would replace {source}, an input of this command, with its {name}: copy the input "
+                "elsewhere first, or choose another --out-dir"
+            )
+
+
+def holding_lock(fit: F) -> F:
+    """Make `fit(..., run, ..., place=...)` hold the lock of its run folder (rank 0 only) for as long as it runs."""
+
+    @functools.wraps(fit)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        bound = inspect.signature(fit).bind(*args, **kwargs)
+        place = cast(Place, bound.arguments.get("place", LOCAL))
+        with run_lock(Path(bound.arguments["run"]), place.writer):
+            return fit(*args, **kwargs)
+
+    return cast(F, locked)
+
+
+@contextmanager
+def run_lock(run: Path, writer: bool = True) -> Iterator[None]:
+    """Within, this process holds the run folder's lock: another one that asks for it is refused at once (an flock,
+    released by the system if this process dies; the lock file stays, harmless)."""
+    if not writer:
+        yield
+        return
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise OutputError(f"cannot use --out-dir {run}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise RunError(
+                f"{run} is in use by another chip process{f' (pid {holder})' if holder.isdigit() else ''}: "
+                "wait for it to end, or choose another --out-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def refuse_previous(run: Path) -> None:
+    """Refuse to start a run in a folder that holds another run's files without its last.pt (nothing to resume,
+    and starting would overwrite them)."""
+    found = [name for name in PREVIOUS if (run / name).exists()]
+    if found:
+        raise RunError(
+            f"{run} holds files of a previous run ({', '.join(found)}) but no last.pt to resume: choose another "
+            "--out-dir, or move them away"
+        )
+
+
+# ---- identity ----------------------------------------------------------------------------------------------
+
+
+def identity(about: dict[str, Any] | None, arch: str, mean: Any, std: Any, train: ImageSplit, test: Any) -> dict:
+    """What a run is of, beside its hyperparameters: the model file (its SHA-256) or architecture and normalization,
+    the data sources and their sizes and classes. A resumed run must have the same."""
+    about = about or {}
+    model = about.get("model")
+    classes = hashlib.sha256("\n".join(train.classes).encode()).hexdigest()[:16]
+    return {
+        "model_sha256": _sha256(model) if model else None,
+        "arch": arch,
+        "normalization": [list(map(float, mean)), list(map(float, std))],
+        "data": _resolved(about.get("data")),
+        "val_data": _resolved(about.get("val_data")),
+        "train_images": len(train),
+        "test_images": len(test) if test is not None else None,
+        "classes": classes,
+    }
+
+
+def check_identity(stored: dict[str, Any] | None, now: dict[str, Any], last: Path) -> None:
+    """Refuse a resume whose model file, data or sizes differ from those the run was started with (a checkpoint of
+    an older version has no identity: nothing to compare)."""
+    if not isinstance(stored, dict):
+        return
+    names = {
+        "model_sha256": "model file (SHA-256)",
+        "arch": "architecture",
+        "normalization": "normalization",
+        "data": "--data",
+        "val_data": "--val-data",
+        "train_images": "training images",
+        "test_images": "evaluation images",
+        "classes": "classes",
+    }
+    diff = [f"{names[k]} {_brief(stored.get(k))} (now {_brief(v)})" for k, v in now.items() if stored.get(k) != v]
+    if diff:
+        raise RunError(
+            f"--resume: the run in {last.parent} was made with {', '.join(diff)}: resume it with the model file "
+            "and data it was started with, or start a new run in another --out-dir"
+        )
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _resolved(source: str | None) -> str | None:
+    return str(Path(source).expanduser().resolve()) if source else None
+
+
+def _brief(value: object) -> str:
+    text = str(value)
+    return text[:12] + "…" if len(text) == 64 and "/" not in text else text  # a digest: its first characters
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+
+
+class LossWatch:
+    """The first optimizer step whose running loss sum is not finite, kept on the device: no wait per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def see(self, loss_sum: Tensor, step: int) -> None:
+        """After optimizer step `step` (from 1), with the epoch's loss sum so far (NaN and Inf stay in a sum)."""
+        self.first = torch.where((self.first < 0) & ~torch.isfinite(loss_sum), step, self.first)
+
+    def check(self, epoch: int, steps: int, total: float | None = None) -> None:
+        """Raise a RunError naming the epoch and step if a loss was not finite here (or, where `total`, the epoch's
+        loss summed over every process, is not finite: a NaN on another process)."""
+        first = int(self.first)
+        if first < 0 and (total is None or math.isfinite(total)):
+            return
+        where = f", step {first - (epoch - 1) * steps} of {steps}" if first >= 0 else ""
+        raise RunError(
+            f"the training loss is not finite (NaN or Inf) in epoch {epoch}{where}: stopped without writing a "
+            "checkpoint of it (last.pt, if any, is the last good one); lower --lr, or check the model and data"
+        )
+
+
+def until(stop_asked: Callable[[], bool], batches: Iterable[T]) -> Iterator[T]:
+    """The batches, until a stop is asked: then Stopped, between two batches. (As many as `batches`, if it knows.)"""
+
+    def checked() -> Iterator[T]:
+        for batch in batches:
+            if stop_asked():
+                raise Stopped
+            yield batch
+
+    return Batches(checked(), len(batches)) if isinstance(batches, Sized) else checked()
+
+
+def check_compile(compile: bool, device: torch.device) -> None:
+    """Refuse torch.compile where it is known to crash the process: torch 2.13's inductor aborts on CPU ("double free
+    or corruption", plain torch.compile scripts too); 2.14.1, the version the project pins, compiles fine."""
+    if compile and device.type == "cpu" and torch.__version__.startswith("2.13."):
+        raise RunError(
+            f"--compile on CPU crashes torch {torch.__version__} (its inductor aborts): upgrade torch to "
+            "2.14.1, or train without --compile"
+        )

@@ -1,0 +1,87 @@
+"""The scores file of `chip score`: JSON holding the per-channel scores of every prunable conv of one model.
+
+`chip prune --scores` reads it back as untrusted input: a regular file of bounded size (never a FIFO or a device),
+JSON without NaN, Infinity or numbers beyond float64, nesting within bounds, the model's architecture, every conv of
+the model with one finite number per channel. Anything else is a ScoresError of one line naming the file."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .criteria import CRITERIA
+from .fileio import read_file, reason, save_json
+
+FORMAT = "chipprune-scores/1"
+MAX_BYTES = 16 << 20  # ResNet-50's scores take about 0.5 MB
+HOW = {"criterion": str, "images": int, "seed": int, "processes": int}  # how the scores were made
+
+
+class ScoresError(ValueError):
+    """A scores file that cannot be used for this model (the message is one line naming the file)."""
+
+
+def write_scores(path: str | os.PathLike, arch: str, how: dict[str, Any], scores: dict[str, Tensor]) -> None:
+    """Save the scores of every conv, with the architecture and how they were made."""
+    save_json({"format": FORMAT, "arch": arch, **how, "layers": {conv: s.tolist() for conv, s in scores.items()}}, path)
+
+
+def read_scores(path: str | os.PathLike, arch: str, widths: dict[str, int]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The float64 scores of every conv of `widths` (conv -> channels) from a file written for `arch`, and how they
+    were made (criterion, and images, seed, processes where given)."""
+    raw = read_file(path, limit=MAX_BYTES, what="scores file", error=ScoresError)
+    try:
+        d = json.loads(raw, parse_constant=_not_finite, parse_float=_finite, parse_int=_integer)
+    except RecursionError:
+        raise ScoresError(f"{path}: cannot read scores JSON (nested too deeply)") from None
+    except ValueError as e:  # not JSON, not UTF-8, or a number that is not a finite float64
+        raise ScoresError(f"{path}: cannot read scores JSON ({reason(e)})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise ScoresError(f"{path}: not a scores file written by `chip score`")
+    if d.get("arch", arch) != arch:
+        raise ScoresError(f"{path}: scores of a {_short(d['arch'])} model, not of this {arch}")
+    how = {k: d[k] for k in HOW if k in d}
+    bad = [k for k, v in how.items() if type(v) is not HOW[k] or (isinstance(v, int) and v < 0)]
+    if "criterion" not in how or (not bad and how["criterion"] not in CRITERIA):
+        bad.insert(0, "criterion")
+    if bad:
+        raise ScoresError(f"{path}: damaged scores file: invalid {bad[0]!r}")
+    layers = d.get("layers")
+    if not isinstance(layers, dict):
+        raise ScoresError(f"{path}: damaged scores file: 'layers' is not a mapping of conv names to scores")
+    for conv, c in widths.items():
+        values = layers.get(conv)
+        if not isinstance(values, list) or len(values) != c:
+            raise ScoresError(f"{path}: no scores for the {c} channels of {conv}; were they made for another model?")
+        odd = [v for v in values if type(v) not in (int, float)]
+        if odd:
+            raise ScoresError(f"{path}: the scores of {conv} hold {_short(odd[0])}: expected numbers")
+    return {conv: torch.tensor(layers[conv], dtype=torch.float64) for conv in widths}, how
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float, refused unless finite (1e400 would read as inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {_short(text)} is beyond float64")
+    return value
+
+
+def _integer(text: str) -> int | float:
+    """A JSON integer: an int where float64 holds it exactly enough, else a finite float."""
+    return int(text) if len(text) <= 18 else _finite(text)
+
+
+def _not_finite(text: str) -> float:
+    raise ValueError(f"{text} is not a score: expected finite numbers")
+
+
+def _short(value: object) -> str:
+    """A value for a message: its repr, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
