@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import linecache
+import traceback
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -90,8 +92,8 @@ def prune_model(model: nn.Module, example_inputs: Tensor, calibration: Iterable[
         assert pruning_ratio is not None
         ratios = ([_ratio_of(g, analysis, pruning_ratio) for g in analysis.groups]
                   if isinstance(pruning_ratio, dict) else pruning_ratio)
-        return _pruned(model, example_inputs, analysis, cut(ratios))
-    return _pruned(model, example_inputs, analysis, _search(analysis, cut, flops_target, scope == "global"))
+        return _checked(model, example_inputs, analysis, cut(ratios))
+    return _checked(model, example_inputs, analysis, _search(analysis, cut, flops_target, scope == "global"))
 
 
 def group_importance(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any], *,
@@ -128,10 +130,64 @@ def _analyse(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any
         layers = costs(graph, macs)
         fixed = sum(macs.values()) - sum(macs[c.out.node.module] for c in layers)
         analysis = _Analysis(graph, record, shuffles, names, groups, {}, layers, sum(macs.values()), fixed)
+        _probe(model, example_inputs, analysis)
         analysis.importance = importance or _importances(model, analysis, judge, calibration)
         return analysis
     finally:
         model.train(training)
+
+
+def _probe(model: nn.Module, example_inputs: Tensor, analysis: _Analysis) -> None:
+    """ValueError, before any scoring, where removing channels breaks the model: one unit of every group is removed
+    and the example run; the message names the module and the call that failed, and the groups whose removal
+    breaks it (found by halving), to pass as ignored_layers."""
+
+    def failure(chosen: list[int]) -> str | None:
+        units = [[len(g.units) - 1] if i in chosen and len(g.units) > 1 else [] for i, g in enumerate(analysis.groups)]
+        return _failure(_pruned(model, analysis, removal(analysis.groups, units)), example_inputs)
+
+    every = list(range(len(analysis.groups)))
+    message = failure(every)
+    if message is not None:
+        roots = [analysis.groups[i].root for i in _culprits(every, failure)]
+        shown = ", ".join(repr(r) for r in roots[:4]) + (f", ... ({len(roots)} groups)" if len(roots) > 4 else "")
+        raise ValueError(f"{message}; ignored_layers=[{shown}] keeps the channels that break it")
+
+
+def _culprits(chosen: list[int], failure: Callable[[list[int]], str | None]) -> list[int]:
+    """The groups of `chosen` (which fails) whose removal fails, by halving; a half that fails only with the other
+    half counts whole."""
+    if len(chosen) == 1:
+        return chosen
+    halves = [chosen[: len(chosen) // 2], chosen[len(chosen) // 2 :]]
+    failing = [h for h in halves if failure(h) is not None]
+    return [g for h in failing for g in _culprits(h, failure)] if failing else chosen
+
+
+def _failure(pruned: nn.Module, example_inputs: Tensor) -> str | None:
+    """None if the pruned model runs the example in eval mode; else which module and call failed, and how."""
+    training = pruned.training
+    try:
+        with torch.no_grad():
+            pruned.eval()(example_inputs)
+    except (RuntimeError, ValueError, IndexError, AssertionError) as e:
+        return _describe(e, pruned)
+    finally:
+        pruned.train(training)
+    return None
+
+
+def _describe(error: Exception, model: nn.Module) -> str:
+    """One line: the innermost module of `model` whose forward raised `error`, its source line, and the error."""
+    names = {m: n for n, m in model.named_modules()}
+    where = "the model"
+    for frame, line in traceback.walk_tb(error.__traceback__):
+        module = frame.f_locals.get("self")
+        if isinstance(module, nn.Module) and module in names:
+            code = linecache.getline(frame.f_code.co_filename, line).strip()
+            where = f"{names[module] or 'the model'} ({type(module).__name__}): `{code}`"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"removing channels breaks {where}: {type(error).__name__}: {first}"
 
 
 def _check(pruning_ratio: float | dict[str, float] | None, flops_target: float | None, scope: str,
@@ -340,11 +396,20 @@ def _search(analysis: _Analysis, cut: Callable[[float | list[float]], dict[Space
     return best
 
 
-def _pruned(model: nn.Module, example_inputs: Tensor, analysis: _Analysis, cut: dict[Space, list[int]]
-            ) -> nn.Module:
+def _pruned(model: nn.Module, analysis: _Analysis, cut: dict[Space, list[int]]) -> nn.Module:
     """A copy of `model` without the channels `cut`, its calls that hold channel counts replaced."""
     pruned = copy.deepcopy(model)
     with traceable(pruned):
         remove(pruned, analysis.graph, analysis.names, cut)
     tracing.install(pruned, tracing.replacements(analysis.graph, analysis.record, analysis.shuffles, cut))
     return pruned.train(model.training)
+
+
+def _checked(model: nn.Module, example_inputs: Tensor, analysis: _Analysis, cut: dict[Space, list[int]]
+             ) -> nn.Module:
+    """The pruned model, once it has run the example (else ValueError saying where it broke)."""
+    pruned = _pruned(model, analysis, cut)
+    message = _failure(pruned, example_inputs)
+    if message is not None:
+        raise ValueError(message)
+    return pruned

@@ -11,7 +11,9 @@ pre-hook and a forward hook on that module that hold a torch function mode while
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import os
+import sys
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,8 +30,8 @@ from torch_pruning.dependency.node import Node
 
 from .coupling import Space
 
-# The calls whose arguments may hold channel counts; they are counted per module in this one order at trace and run
-# time, so the same call gets the same number in both.
+# The calls whose arguments may hold channel counts. One is found again at run time by the line of the model's code
+# that made it and its number among the calls of that line in the same forward of the same module.
 TRACKED = frozenset(
     {
         torch.split,
@@ -45,11 +47,23 @@ TRACKED = frozenset(
 )
 
 
+Site = tuple[str, int, int]  # file, line, and the number of the call among those of that line in one forward
+_LIBRARIES = (os.path.dirname(torch.__file__), __file__)  # frames skipped looking for the model's line
+
+
+def _line() -> tuple[str, int]:
+    """The file and line of the model's code that made the current torch call."""
+    frame = sys._getframe(2)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
+        frame = frame.f_back
+    return frame.f_code.co_filename, frame.f_lineno
+
+
 class Call(NamedTuple):
     """One tracked call during the trace."""
 
     module: str  # the innermost module whose forward made it
-    ordinal: int  # its number among the tracked calls made while that forward ran (nested modules' included)
+    site: Site  # where in the code
     func: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
@@ -70,7 +84,7 @@ class Record:
 
 class _Frame(NamedTuple):
     name: str
-    calls: list[int]  # tracked calls made while this module's forward runs
+    calls: Counter[tuple[str, int]]  # tracked calls made while this module's forward runs, by source line
 
 
 class _Recorder(TorchFunctionMode):
@@ -91,13 +105,14 @@ class _Recorder(TorchFunctionMode):
             if o.grad_fn is not None:
                 self.record.shapes.setdefault(o.grad_fn, tuple(o.shape))
         if func in TRACKED and self.stack and outputs and isinstance(args[0], Tensor):
+            line = _line()
             for frame in self.stack:
-                frame.calls[0] += 1
+                frame.calls[line] += 1
             top = self.stack[-1]
             self.record.calls.append(
                 Call(
                     top.name,
-                    top.calls[0],
+                    (*line, top.calls[line]),
                     func,
                     tuple(args),
                     kwargs,
@@ -114,7 +129,7 @@ class _Recorder(TorchFunctionMode):
         name = self.names.get(module)
         if name is None:
             return
-        self.stack.append(_Frame(name, [0]))
+        self.stack.append(_Frame(name, Counter()))
         if args and isinstance(args[0], Tensor):
             self.record.input_dims.setdefault(name, args[0].dim())
 
@@ -204,17 +219,18 @@ Replacement = Split | Index | Shape | Gather
 class _Substitution(TorchFunctionMode):
     """Counts the tracked calls of one forward and replaces the chosen ones."""
 
-    def __init__(self, replacements: dict[int, Replacement]) -> None:
+    def __init__(self, replacements: dict[Site, Replacement]) -> None:
         super().__init__()
-        self.replacements, self.count = replacements, 0
+        self.replacements, self.calls = replacements, Counter[tuple[str, int]]()
 
     def __torch_function__(
         self, func: Callable[..., Any], types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
         if func in TRACKED and args and isinstance(args[0], Tensor):
-            self.count += 1
-            replacement = self.replacements.get(self.count)
+            line = _line()
+            self.calls[line] += 1
+            replacement = self.replacements.get((*line, self.calls[line]))
             if replacement is not None:
                 return replacement(func, args, kwargs)
         return func(*args, **kwargs)
@@ -223,7 +239,7 @@ class _Substitution(TorchFunctionMode):
 class Override:
     """The pruned calls of one module: a forward pre-hook that starts substituting them, a forward hook that stops."""
 
-    def __init__(self, replacements: dict[int, Replacement]) -> None:
+    def __init__(self, replacements: dict[Site, Replacement]) -> None:
         self.replacements = replacements
         self.modes: list[_Substitution] = []  # a stack: the module may run inside itself
 
@@ -240,7 +256,7 @@ class Override:
         return {"replacements": self.replacements, "modes": []}
 
 
-def install(model: nn.Module, replacements: dict[str, dict[int, Replacement]]) -> list[RemovableHandle]:
+def install(model: nn.Module, replacements: dict[str, dict[Site, Replacement]]) -> list[RemovableHandle]:
     """Hook each module named in `replacements` so that its forward makes the replaced calls."""
     handles = []
     for name, chosen in replacements.items():
@@ -436,9 +452,9 @@ def _permute(graph: tp.DependencyGraph, shuffle: Shuffle, before: Node) -> None:
 
 def replacements(
     graph: tp.DependencyGraph, record: Record, shuffled: list[Shuffle], cut: dict[Space, list[int]]
-) -> dict[str, dict[int, Replacement]]:
+) -> dict[str, dict[Site, Replacement]]:
     """For each module, the calls of its forward whose channel counts the cut changes, with their replacements."""
-    nodes, result = _nodes(graph), defaultdict[str, dict[int, Replacement]](dict)
+    nodes, result = _nodes(graph), defaultdict[str, dict[Site, Replacement]](dict)
     gathers = {s.split.output: s for s in shuffled}
     merges = {s.merge.grad_fn for s in shuffled}
     for call in record.calls:
@@ -456,7 +472,7 @@ def replacements(
         else:
             replacement = _shape(call, len(removed)) if removed else None
         if replacement is not None:
-            result[call.module][call.ordinal] = replacement
+            result[call.module][call.site] = replacement
     return dict(result)
 
 
