@@ -52,25 +52,28 @@ class Group(NamedTuple):
 
 
 class _UnionFind:
-    """Disjoint sets of hashable items."""
+    """Disjoint sets of ints (a channel: its space's number << SHIFT | its index)."""
 
-    def __init__(self) -> None:
-        self.parent: dict[Any, Any] = {}
+    def __init__(self, parent: dict[int, int] | None = None) -> None:
+        self.parent = dict(parent or {})
 
-    def find(self, x: Any) -> Any:
+    def find(self, x: int) -> int:
         """The representative of x's set."""
-        root = x
-        while (up := self.parent.setdefault(root, root)) != root:
+        parent, root = self.parent, x
+        while (up := parent.get(root, root)) != root:
             root = up
         while x != root:  # path compression
-            self.parent[x], x = root, self.parent[x]
+            parent[x], x = root, parent[x]
         return root
 
-    def union(self, a: Any, b: Any) -> None:
+    def union(self, a: int, b: int) -> None:
         """Join the sets of a and b."""
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[rb] = ra
+
+
+SHIFT = 24  # bits of a channel index in a channel's number
 
 
 def _counts(graph: tp.DependencyGraph, node: Node) -> list[tuple[Callable[..., Any], int | None]]:
@@ -84,23 +87,43 @@ def _counts(graph: tp.DependencyGraph, node: Node) -> list[tuple[Callable[..., A
     ]
 
 
-def _classes(graph: tp.DependencyGraph) -> tuple[_UnionFind, dict[Space, set[int]]]:
+class _Classes(NamedTuple):
+    """The channels reached in every space, numbered, and joined into classes."""
+
+    union: _UnionFind
+    known: dict[Space, set[int]]
+    ids: dict[Space, int]  # a space's number
+    limit: int  # more channels than any layer has
+
+    def key(self, element: Element) -> int:
+        """The number of a channel."""
+        return self.ids[element[0]] << SHIFT | element[1]
+
+
+def _classes(graph: tp.DependencyGraph) -> _Classes:
     """Every channel of every space reached from a layer's channels, joined along the graph's dependencies."""
-    classes, known = _UnionFind(), defaultdict[Space, set[int]](set)
     queue: deque[tuple[Space, list[int]]] = deque()
 
+    counts = [(Space(node, fn), count) for node in graph.module2node.values() for fn, count in _counts(graph, node)]
+    # A mapping Torch-Pruning got wrong can send indices past every layer's channels, and on through cycles ever
+    # further (ResNeSt's radix softmax: 44 million joins); such an index is kept, spoiling its class, not followed.
+    limit = max((c for _, c in counts if c is not None), default=0)
+    found = _Classes(_UnionFind(), defaultdict(set), {}, limit)
+
     def reach(space: Space, idxs: Iterable[int]) -> None:
-        new = [i for i in idxs if i not in known[space]]
-        known[space].update(new)
+        found.ids.setdefault(space, len(found.ids))
+        new = [i for i in idxs if i not in found.known[space]]
+        found.known[space].update(new)
+        new = [i for i in new if 0 <= i < limit]
         if new:
             queue.append((space, new))
 
-    for node in graph.module2node.values():
-        for fn, count in _counts(graph, node):
-            if count is not None:
-                reach(Space(node, fn), range(count))
+    for space, count in counts:
+        if count is not None:
+            reach(space, range(count))
     while queue:
         space, idxs = queue.popleft()
+        source = found.ids[space] << SHIFT
         for dep in space.node.dependencies:
             if dep.trigger != space.fn:
                 continue
@@ -109,10 +132,11 @@ def _classes(graph: tp.DependencyGraph) -> tuple[_UnionFind, dict[Space, set[int
                 if mapping is not None:
                     mapped = mapping(mapped)
             target = Space(dep.target, dep.handler)
-            for h in mapped:
-                classes.union((space, h.root_idx), (target, h.idx))
             reach(target, (h.idx for h in mapped))
-    return classes, known
+            into = found.ids[target] << SHIFT
+            for h in mapped:
+                found.union.union(source | h.root_idx, into | h.idx)
+    return found
 
 
 def _positional(graph: tp.DependencyGraph, known: dict[Space, set[int]]) -> list[list[Element]]:
@@ -139,21 +163,21 @@ def couple(
 ) -> list[Group]:
     """The prunable groups of the graph, in Torch-Pruning's order of root layers; groups holding the outputs of an
     ignored module are left out. `ties`: more positions that must go in one step (tracing rules)."""
-    fine, known = _classes(graph)
-    coarse = _UnionFind()
-    coarse.parent = dict(fine.parent)
+    found = _classes(graph)
+    fine, known, key = found.union, found.known, found.key
+    coarse = _UnionFind(fine.parent)
     for tie in [*_positional(graph, known), *ties]:
         for element in tie[1:]:
-            coarse.union(tie[0], element)
-    spoiled = set(_spoiled(graph, known))
-    members = defaultdict[Any, list[Element]](list)
+            coarse.union(key(tie[0]), key(element))
+    spoiled = {key(e) for e in _spoiled(graph, known, found.limit)}
+    members = defaultdict[int, list[Element]](list)
     for space, idxs in known.items():
         for i in sorted(idxs):
-            if (space, i) not in spoiled:
-                members[fine.find((space, i))].append((space, i))
+            if key((space, i)) not in spoiled:
+                members[fine.find(key((space, i)))].append((space, i))
     spoiled = {coarse.find(e) for e in spoiled}
 
-    roots: dict[Any, list[Space]] = defaultdict(list)  # coarse representative of a group -> its root layers' outputs
+    roots: dict[int, list[Space]] = defaultdict(list)  # coarse representative of a group -> its root layers' outputs
     together = _UnionFind()
     layer_outputs = [
         Space(n, graph.get_pruner_of_module(m).prune_out_channels)
@@ -162,13 +186,13 @@ def couple(
     ]
     for space in layer_outputs:
         for i in sorted(known[space]):
-            together.union(coarse.find((space, 0)), coarse.find((space, i)))
+            together.union(coarse.find(key((space, 0))), coarse.find(key((space, i))))
     for space in layer_outputs:
         if known[space]:
-            roots[together.find(coarse.find((space, 0)))].append(space)
+            roots[together.find(coarse.find(key((space, 0))))].append(space)
     groups = []
     for spaces in roots.values():
-        group = _group(names, spaces, known, fine, coarse, members, spoiled)
+        group = _group(names, spaces, found, coarse, members, spoiled)
         if not any(
             s.node.module in ignored and graph.is_out_channel_pruning_fn(s.fn) for cls in group.classes for s, _ in cls
         ):
@@ -176,32 +200,31 @@ def couple(
     return groups
 
 
-def _spoiled(graph: tp.DependencyGraph, known: dict[Space, set[int]]) -> Iterator[Element]:
-    """Channels that must stay: the model's outputs, and indices outside a layer's channels."""
+def _spoiled(graph: tp.DependencyGraph, known: dict[Space, set[int]], limit: int) -> Iterator[Element]:
+    """Channels that must stay: the model's outputs, and indices outside a layer's channels (or outside every
+    layer's, `limit`)."""
     for space, idxs in known.items():
         if space.node.type == tp.ops.OPTYPE.OUTPUT:
             yield from ((space, i) for i in idxs)
             continue
         count = dict(_counts(graph, space.node)).get(space.fn)
-        if count is not None:
-            yield from ((space, i) for i in idxs if not 0 <= i < count)
+        yield from ((space, i) for i in idxs if not 0 <= i < (limit if count is None else count))
 
 
 def _group(
     names: dict[nn.Module, str],
     spaces: list[Space],
-    known: dict[Space, set[int]],
-    fine: _UnionFind,
+    found: _Classes,
     coarse: _UnionFind,
-    members: dict[Any, list[Element]],
-    spoiled: set[Any],
+    members: dict[int, list[Element]],
+    spoiled: set[int],
 ) -> Group:
     """One group from its root layers' output spaces (the first is its root)."""
-    order: dict[Any, int] = {}
+    order: dict[int, int] = {}
     for space in spaces:
-        for i in sorted(known[space]):
-            order.setdefault(fine.find((space, i)), len(order))
-    units = defaultdict[Any, list[int]](list)
+        for i in sorted(found.known[space]):
+            order.setdefault(found.union.find(found.key((space, i))), len(order))
+    units = defaultdict[int, list[int]](list)
     for rep, position in order.items():
         units[coarse.find(rep)].append(position)
     return Group(

@@ -32,7 +32,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch_pruning as tp
@@ -42,7 +42,6 @@ from . import tracing
 from .calibrate import Tap, score_maps
 from .coupling import LAYERS, Cost, Group, Space, costs, couple, macs_after, removal, remove
 from .criteria import L1, ActivationCriterion, Criterion, WeightCriterion, get_criterion
-from .profile import layer_macs
 from .pruners import PRUNERS, traceable
 
 SCOPES = ("local", "global")
@@ -119,22 +118,52 @@ def _analyse(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any
         raise ValueError(f"ignored_layers: no module named {', '.join(unknown)} in the model")
     training = model.training
     try:
-        graph, record, shuffles = _graph(model, example_inputs)
-        ignored |= {names[m] for m in _output_layers(graph)}
-        kept = {sub for n in ignored for sub in model.get_submodule(n).modules()}
-        groups = couple(graph, names, kept)
-        sizes = {g.root: len(g.classes) for g in groups}
+        analysis = _structure(model, example_inputs, ignored, names)
+        sizes = {g.root: len(g.classes) for g in analysis.groups}
         if importance is not None and {k: len(v) for k, v in importance.items()} != sizes:
             raise ValueError("importance: not from group_importance on this model with these ignored_layers")
-        macs = layer_macs(model, example_inputs)
-        layers = costs(graph, macs)
-        fixed = sum(macs.values()) - sum(macs[c.out.node.module] for c in layers)
-        analysis = _Analysis(graph, record, shuffles, names, groups, {}, layers, sum(macs.values()), fixed)
-        _probe(model, example_inputs, analysis)
+        if importance is None:  # else prune_model runs the pruned model before returning it
+            _probe(model, example_inputs, analysis)
         analysis.importance = importance or _importances(model, analysis, judge, calibration)
         return analysis
     finally:
         model.train(training)
+
+
+def _structure(model: nn.Module, example_inputs: Tensor, ignored: set[str], names: dict[nn.Module, str]
+               ) -> _Analysis:
+    """The model's graph, trace, groups and costs (no importance yet); `ignored` and the output layers keep their
+    outputs."""
+    graph, record, shuffles = _graph(model, example_inputs)
+    ignored = ignored | {names[m] for m in _output_layers(graph)}
+    kept = {sub for n in ignored for sub in model.get_submodule(n).modules()}
+    macs = record.macs
+    layers = costs(graph, macs)
+    fixed = sum(macs.values()) - sum(macs[c.out.node.module] for c in layers)
+    return _Analysis(graph, record, shuffles, names, couple(graph, names, kept), {}, layers, sum(macs.values()),
+                     fixed)
+
+
+class Channel(NamedTuple):
+    """One layer's entry of a channel: its module, "in" or "out" (the side of it the channel is on), its position."""
+
+    module: str
+    side: str
+    position: int
+
+
+def channel_classes(model: nn.Module, example_inputs: Tensor) -> dict[str, list[list[Channel]]]:
+    """Per prunable group (keyed by its root layer, as group_importance), its channel classes in the order of the
+    importances: the entries of the model's modules that removing the class removes."""
+    names = {m: n for n, m in model.named_modules()}
+    training = model.training
+    try:
+        analysis = _structure(model, example_inputs, set(), names)
+    finally:
+        model.train(training)
+    graph = analysis.graph
+    return {g.root: [[Channel(names[s.node.module], "out" if graph.is_out_channel_pruning_fn(s.fn) else "in", i)
+                      for s, i in cls if s.node.module in names] for cls in g.classes] for g in analysis.groups}
 
 
 def _probe(model: nn.Module, example_inputs: Tensor, analysis: _Analysis) -> None:
@@ -208,8 +237,8 @@ def _check(pruning_ratio: float | dict[str, float] | None, flops_target: float |
 
 def _graph(model: nn.Module, example_inputs: Tensor) -> tuple[tp.DependencyGraph, tracing.Record,
                                                                list[tracing.Shuffle]]:
-    """The dependency graph of `model` (left in eval mode), its trace, and its channel shuffles, with concatenations
-    sized and shuffles mapped from the trace."""
+    """The dependency graph of `model` (left in eval mode), its trace, and its channel shuffles, with indices mapped
+    from the trace through concatenations, splits and reshapes of the channels."""
     record = tracing.Record()
 
     def forward(m: nn.Module, x: Tensor) -> Any:
@@ -221,7 +250,7 @@ def _graph(model: nn.Module, example_inputs: Tensor) -> tuple[tp.DependencyGraph
     with traceable(model), torch.enable_grad(), contextlib.suppress(TypeError, ZeroDivisionError):
         graph.build_dependency(model, example_inputs, forward_fn=forward, customized_pruners=PRUNERS, verbose=False)
     tracing.map_indices(graph, record)
-    return graph, record, tracing.shuffles(graph, record)
+    return graph, record, tracing.reshapes(graph, record)
 
 
 def _output_layers(graph: tp.DependencyGraph) -> set[nn.Module]:

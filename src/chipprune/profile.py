@@ -9,6 +9,15 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+LAYERS = (nn.modules.conv._ConvNd, nn.Linear)  # the layers whose multiply-accumulates are counted
+
+
+def call_macs(layer: nn.Module, output: Tensor) -> int:
+    """Multiply-accumulates of one call of a conv or linear layer that gave `output`."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return output.numel() * layer.weight[0].numel()  # weight[0]: in_channels / groups × kernel
+    return output.numel() * cast(nn.Linear, layer).in_features
+
 
 def count_params(model: nn.Module) -> int:
     """Trainable parameters."""
@@ -31,14 +40,9 @@ def layer_macs(model: nn.Module, example_inputs: Tensor) -> dict[nn.Module, int]
     totals: dict[nn.Module, int] = {}
 
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if isinstance(module, nn.modules.conv._ConvNd):
-            macs = output.numel() * module.weight[0].numel()  # weight[0]: in_channels / groups × kernel
-        else:
-            macs = output.numel() * cast(nn.Linear, module).in_features
-        totals[module] = totals.get(module, 0) + macs
+        totals[module] = totals.get(module, 0) + call_macs(module, output)
 
-    layers = (nn.modules.conv._ConvNd, nn.Linear)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, layers)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LAYERS)]
     was_training = model.training
     try:
         model.eval()

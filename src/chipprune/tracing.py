@@ -29,6 +29,7 @@ from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.node import Node
 
 from .coupling import Space
+from .profile import LAYERS, call_macs
 
 # The calls whose arguments may hold channel counts. One is found again at run time by the line of the model's code
 # that made it and its number among the calls of that line in the same forward of the same module.
@@ -48,7 +49,7 @@ TRACKED = frozenset(
 
 
 Site = tuple[str, int, int]  # file, line, and the number of the call among those of that line in one forward
-_LIBRARIES = (os.path.dirname(torch.__file__), __file__)  # frames skipped looking for the model's line
+_LIBRARIES = (os.path.dirname(torch.__file__) + os.sep, __file__)  # frames skipped looking for the model's line
 
 
 def _line() -> tuple[str, int]:
@@ -80,6 +81,7 @@ class Record:
     shapes: dict[Any, tuple[int, ...]] = field(default_factory=dict)  # autograd node -> shape of the tensor it made
     calls: list[Call] = field(default_factory=list)
     input_dims: dict[str, int] = field(default_factory=dict)  # module name -> dimensions of its first input
+    macs: dict[nn.Module, int] = field(default_factory=dict)  # conv or linear layer -> its multiply-accumulates
 
 
 class _Frame(NamedTuple):
@@ -134,9 +136,11 @@ class _Recorder(TorchFunctionMode):
             self.record.input_dims.setdefault(name, args[0].dim())
 
     def leave(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        """Forward hook of every module: pop it."""
+        """Forward hook of every module: pop it; count a layer's multiply-accumulates."""
         if self.stack and self.stack[-1].name == self.names.get(module):
             self.stack.pop()
+        if isinstance(module, LAYERS) and isinstance(output, Tensor):
+            self.record.macs[module] = self.record.macs.get(module, 0) + call_macs(module, output)
 
 
 @contextmanager
@@ -394,6 +398,7 @@ class Shuffle(NamedTuple):
 
     split: Call  # the first view
     node: Node  # its graph node
+    before: Node  # the graph node before the last view (the transpose, or a copy of it)
     merge: Node  # the graph node of the last view
     groups: int
     channels: int
@@ -403,50 +408,108 @@ class Shuffle(NamedTuple):
         return (j % self.groups) * (self.channels // self.groups) + j // self.groups
 
 
-def shuffles(graph: tp.DependencyGraph, record: Record) -> list[Shuffle]:
-    """The channel shuffles of the trace, each made a permutation in the graph (Torch-Pruning maps one as the
-    identity, or divides by zero sizing it)."""
-    nodes, found = _nodes(graph), []
+def reshapes(graph: tp.DependencyGraph, record: Record) -> list[Shuffle]:
+    """Map indices through every reshape that splits the channels into (blocks, positions) or merges them back: a
+    channel shuffle (a split, a transpose of the two, a merge) as the permutation it is, returned; any other
+    (ResNeSt's radix, SKNet's paths) by position, all blocks' entries of a position together. Torch-Pruning maps
+    such a reshape as the identity or a flattening, or divides by zero sizing it."""
+    nodes, found = _nodes(graph), list[Shuffle]()
     for call in record.calls:
-        node, out = nodes.get(call.output), call.out_shapes[0]
-        if call.func not in (Tensor.view, Tensor.reshape, torch.reshape) or node is None or len(out) < 3:
+        node = nodes.get(call.output)
+        if call.func not in (Tensor.view, Tensor.reshape, torch.reshape) or node is None:
             continue
-        if len(call.in_shape) + 1 != len(out) or out[1] * out[2] != call.in_shape[1] or len(node.outputs) != 1:
+        if any(node in (s.node, s.merge) for s in found):
             continue
-        after = node.outputs[0]
-        if "Transpose" not in type(after.grad_fn).__name__ or {
-            after.grad_fn._saved_dim0 % len(out),
-            after.grad_fn._saved_dim1 % len(out),
-        } != {1, 2}:
-            continue
-        while len(after.outputs) == 1 and after.outputs[0].type == tp.ops.OPTYPE.ELEMENTWISE:
-            after = after.outputs[0]  # contiguous()
-        merge = after.outputs[0] if len(after.outputs) == 1 else None
-        if merge is None or record.shapes.get(merge.grad_fn) != tuple(call.in_shape):
-            continue
-        shuffle = Shuffle(call, node, merge, out[1], out[2] * out[1])
-        _permute(graph, shuffle, after)
-        found.append(shuffle)
+        split = _factor(call.in_shape, call.out_shapes[0])
+        merge = _factor(call.out_shapes[0], call.in_shape)
+        shuffle = _shuffle(call, node, record) if split else None
+        if shuffle is not None:
+            found.append(shuffle)
+            _permute(shuffle)
+        elif split is not None:
+            _positions(node, *split, merge=False)
+        elif merge is not None:
+            _positions(node, *merge, merge=True)
     return found
 
 
-def _permute(graph: tp.DependencyGraph, shuffle: Shuffle, before: Node) -> None:
-    """Map indices through the shuffle: identity into and along it, the permutation at its last view."""
+def _factor(flat: tuple[int, ...], split: tuple[int, ...]) -> tuple[int, int] | None:
+    """(blocks, positions) where `split` is `flat` with its channels (dim 1) split into two or more dims, the last
+    being the positions; else None."""
+    if len(split) < 3 or len(flat) < 2 or split[0] != flat[0]:
+        return None
+    for k in range(2, len(split)):
+        if math.prod(split[1 : k + 1]) == flat[1] and math.prod(split[k + 1 :]) == math.prod(flat[2:]):
+            return (flat[1] // split[k], split[k]) if 1 < split[k] < flat[1] else None
+    return None
+
+
+def _shuffle(call: Call, node: Node, record: Record) -> Shuffle | None:
+    """The channel shuffle a channel-splitting reshape starts, if it is one."""
+    after = node.outputs[0] if len(node.outputs) == 1 else None
+    if after is None or "Transpose" not in type(after.grad_fn).__name__:
+        return None
+    dims = len(call.out_shapes[0])
+    if {after.grad_fn._saved_dim0 % dims, after.grad_fn._saved_dim1 % dims} != {1, 2}:
+        return None
+    while len(after.outputs) == 1 and after.outputs[0].type == tp.ops.OPTYPE.ELEMENTWISE:
+        after = after.outputs[0]  # contiguous()
+    merge = after.outputs[0] if len(after.outputs) == 1 else None
+    if merge is None or record.shapes.get(merge.grad_fn) != tuple(call.in_shape):
+        return None
+    out = call.out_shapes[0]
+    return Shuffle(call, node, after, merge, out[1], out[2] * out[1])
+
+
+class _Positions(NamedTuple):
+    """Torch-Pruning index mapping between channels split into `blocks` of `size` and their positions."""
+
+    blocks: int
+    size: int
+    reverse: bool  # from positions to channels
+
+    def __call__(self, idxs: list[_HybridIndex]) -> list[_HybridIndex]:
+        """The mapped indices, each with its root index."""
+        if self.reverse:
+            return [_HybridIndex(a * self.size + i.idx, i.root_idx) for i in idxs for a in range(self.blocks)]
+        return [_HybridIndex(i.idx % self.size, i.root_idx) for i in idxs]
+
+
+def _positions(node: Node, blocks: int, size: int, merge: bool) -> None:
+    """Number a channel-splitting reshape's output by position (its input's channel a·size + b is position b); a
+    merging one's input likewise."""
+    _unmap(node)
+    for other in node.outputs if merge else node.inputs:
+        for dep in node.dependencies:
+            if dep.target is other:
+                dep.index_mapping = [_Positions(blocks, size, reverse=True), None]
+        for dep in other.dependencies:
+            if dep.target is node:
+                dep.index_mapping = [_Positions(blocks, size, reverse=False), None]
+
+
+def _unmap(node: Node) -> None:
+    """Identity index mappings on every dependency to and from the node."""
+    for dep in node.dependencies:
+        dep.index_mapping = [None, None]
+    for other in node.inputs + node.outputs:
+        for dep in other.dependencies:
+            if dep.target is node:
+                dep.index_mapping = [None, None]
+
+
+def _permute(shuffle: Shuffle) -> None:
+    """Map indices through a shuffle: identity into and along it, the permutation at its last view."""
     forward = [0] * shuffle.channels
     for j in range(shuffle.channels):
         forward[shuffle.source(j)] = j
     for node in (shuffle.node, shuffle.merge):
-        for dep in node.dependencies:
-            dep.index_mapping = [None, None]
-        for other in node.inputs + node.outputs:
-            for dep in other.dependencies:
-                if dep.target is node:
-                    dep.index_mapping = [None, None]
-    for dep in before.dependencies:
+        _unmap(node)
+    for dep in shuffle.before.dependencies:
         if dep.target is shuffle.merge:
             dep.index_mapping = [_Permutation(tuple(forward)), None]
     for dep in shuffle.merge.dependencies:
-        if dep.target is before:
+        if dep.target is shuffle.before:
             dep.index_mapping = [_Permutation(tuple(shuffle.source(j) for j in range(shuffle.channels))), None]
 
 
