@@ -6,7 +6,7 @@ beside Torch-Pruning's own pruner on the same model in the same run.
 Each model runs in a process of its own (a hang is cut at --timeout seconds): prune_model(flops_target=0.5) with CHIP
 on one random image, then Torch-Pruning 1.6.1's MetaPruner with MagnitudeImportance at pruning_ratio 0.3 (the
 classifier ignored). One JSON line per model goes to --log; a rerun skips the models logged. The markdown table
-is written into docs/any-cnn.md between its coverage markers."""
+is written into docs/any-cnn.md between the coverage markers of the input size."""
 
 from __future__ import annotations
 
@@ -58,7 +58,6 @@ TIMM = [
     "vit_tiny_patch16_224",
     "mobilevit_xs",
 ]
-MARKERS = ("<!-- coverage -->", "<!-- /coverage -->")
 
 
 def models() -> list[str]:
@@ -167,12 +166,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def publish(rows: list[dict], doc: Path) -> None:
-    """Replace the table between the markers of `doc`."""
-    text = doc.read_text()
-    head, rest = text.split(MARKERS[0], 1)
-    _, tail = rest.split(MARKERS[1], 1)
-    doc.write_text(f"{head}{MARKERS[0]}\n{table(rows)}\n{MARKERS[1]}{tail}")
+def publish(rows: list[dict], doc: Path, size: int) -> None:
+    """Replace the table between the markers of this input size in `doc`."""
+    start, end = f"<!-- coverage {size} -->", f"<!-- /coverage {size} -->"
+    head, rest = doc.read_text().split(start, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{start}\n{table(rows)}\n{end}{tail}")
 
 
 def main() -> None:
@@ -199,7 +198,7 @@ def main() -> None:
                 f"{name}: {row['status']} ({row.get('seconds')} s); Torch-Pruning: {row.get('tp_status')}", flush=True
             )
     rows = [json.loads(ln) for ln in log.read_text().splitlines()]
-    publish(rows, Path(args.doc))
+    publish(rows, Path(args.doc), args.size)
 
 
 if __name__ == "__main__":

@@ -172,32 +172,32 @@ def couple(
     spoiled = {key(e) for e in _spoiled(graph, known, found.limit)}
     members = defaultdict[int, list[Element]](list)
     for space, idxs in known.items():
+        base = found.ids[space] << SHIFT
         for i in sorted(idxs):
-            if key((space, i)) not in spoiled:
-                members[fine.find(key((space, i)))].append((space, i))
+            if base | i not in spoiled:
+                members[fine.find(base | i)].append((space, i))
     spoiled = {coarse.find(e) for e in spoiled}
 
-    roots: dict[int, list[Space]] = defaultdict(list)  # coarse representative of a group -> its root layers' outputs
-    together = _UnionFind()
+    together = _UnionFind()  # coarse classes joined through the outputs of each conv or linear layer
     layer_outputs = [
         Space(n, graph.get_pruner_of_module(m).prune_out_channels)
         for m, n in graph.module2node.items()
-        if isinstance(m, LAYERS) and m in names
+        if isinstance(m, LAYERS) and m in names and known[Space(n, graph.get_pruner_of_module(m).prune_out_channels)]
     ]
     for space in layer_outputs:
-        for i in sorted(known[space]):
-            together.union(coarse.find(key((space, 0))), coarse.find(key((space, i))))
+        base = found.ids[space] << SHIFT
+        for i in known[space]:
+            together.union(coarse.find(base), coarse.find(base | i))
+    roots: dict[int, list[Space]] = defaultdict(list)  # a group's representative -> its layers' output spaces
     for space in layer_outputs:
-        if known[space]:
-            roots[together.find(coarse.find(key((space, 0))))].append(space)
-    groups = []
-    for spaces in roots.values():
-        group = _group(names, spaces, found, coarse, members, spoiled)
-        if not any(
-            s.node.module in ignored and graph.is_out_channel_pruning_fn(s.fn) for cls in group.classes for s, _ in cls
-        ):
-            groups.append(group)
-    return groups
+        roots[together.find(coarse.find(found.ids[space] << SHIFT))].append(space)
+    kept = {
+        together.find(coarse.find(found.ids[s] << SHIFT | i))
+        for s in known
+        if s.node.module in ignored and graph.is_out_channel_pruning_fn(s.fn)
+        for i in known[s]
+    }
+    return [_group(names, spaces, found, coarse, members, spoiled) for rep, spaces in roots.items() if rep not in kept]
 
 
 def _spoiled(graph: tp.DependencyGraph, known: dict[Space, set[int]], limit: int) -> Iterator[Element]:
