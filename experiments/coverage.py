@@ -3,8 +3,8 @@ beside Torch-Pruning's own pruner on the same model in the same run.
 
     python experiments/coverage.py [--size 224] [--log results/coverage/coverage-224.jsonl] [--only NAME ...]
 
-Each model runs in a process of its own (a hang is cut at --timeout seconds): prune_model(flops_target=0.5) with CHIP
-on one random image, then Torch-Pruning 1.6.1's MetaPruner with MagnitudeImportance at pruning_ratio 0.3 (the
+Each model runs in a forked process of its own (a hang is cut at --timeout seconds): prune_model(flops_target=0.5)
+with CHIP on one random image, then Torch-Pruning 1.6.1's MetaPruner with MagnitudeImportance at pruning_ratio 0.3 (the
 classifier ignored). One JSON line per model goes to --log; a rerun skips the models logged. The markdown table
 is written into docs/any-cnn.md between the coverage markers of the input size."""
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+import multiprocessing
+import queue
 import time
 import warnings
 from pathlib import Path
@@ -134,18 +134,30 @@ def _torch_pruning(model: Any, x: Any) -> Any:
 
 
 def run(name: str, size: int, timeout: int) -> dict:
-    """Both parts of one model's row, each in a child process."""
+    """Both parts of one model's row, each in a child process forked from this one (torch already imported)."""
+    context = multiprocessing.get_context("fork")
     row: dict = {"model": name, "size": size}
     for part in ("chip", "tp"):
-        cmd = [sys.executable, __file__, "--child", name, part, "--size", str(size)]
+        results = context.Queue()
+        child = context.Process(target=_child, args=(name, size, part, results))
+        child.start()
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-            result = json.loads(lines[-1]) if lines else {"status": f"crashed: {done.stderr.strip()[-200:]}"}
-        except subprocess.TimeoutExpired:
+            result = results.get(timeout=timeout)
+        except queue.Empty:
             result = {"status": f"unfinished after {timeout} s", "seconds": timeout}
+        child.join(5)
+        if child.is_alive():
+            child.kill()
         row |= {k if part == "chip" else f"tp_{k}": v for k, v in result.items()}
     return row
+
+
+def _child(name: str, size: int, part: str, results: Any) -> None:
+    """One part of a row, put on `results` (a crash is a row too)."""
+    try:
+        results.put(one(name, size, part))
+    except BaseException as e:  # the model could not even be built
+        results.put({"status": f"{type(e).__name__}: {str(e).strip()[:200]}"})
 
 
 def table(rows: list[dict]) -> str:
@@ -181,11 +193,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=600, help="seconds per model and part")
     parser.add_argument("--only", nargs="*", help="these models (tv:NAME, timm:NAME) only")
     parser.add_argument("--doc", default="docs/any-cnn.md")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(one(args.child[0], args.size, args.child[1])), flush=True)
-        return
+    import timm  # noqa: F401  imported once, before the children fork
+    import torch
+    import torchvision  # noqa: F401
+
+    torch.set_num_threads(1)  # one thread per child: forking a process that runs OpenMP teams can hang
     log = Path(args.log or f"results/coverage/coverage-{args.size}.jsonl")
     log.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(ln)["model"] for ln in log.read_text().splitlines()} if log.exists() else set()
