@@ -3,6 +3,7 @@ input: the FLOPs target, shapes, train and eval mode, a dead channel first, the 
 one; and the one-line error for a transformer."""
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -172,3 +173,16 @@ def test_a_transformer_fails_at_once_in_one_line_naming_the_module_and_the_call(
     with pytest.raises(ValueError, match=r"blocks\.\d+\.attn \(Attention\): `qkv = .*reshape.*ignored_layers") as e:
         prune_model(model, x[:1], [x], flops_target=0.5)
     assert "\n" not in str(e.value)
+
+
+def test_replaced_calls_survive_copy_and_pickling(one_thread):
+    model, x = build("timm:mixnet_s")  # its mixed convs split by a list the pruned model must not use
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruned = prune_model(model, x[:1], [x[:1]], flops_target=0.5)
+    buffer = io.BytesIO()
+    torch.save(pruned, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        for other in (copy.deepcopy(pruned), torch.load(buffer, weights_only=False)):
+            torch.testing.assert_close(other(x), pruned(x))
