@@ -32,6 +32,7 @@ class Tap(NamedTuple):
     module: str
     side: str  # "input" (every call's first argument) or "output"
     channels: int
+    channel_dim: int = 1  # -1: channels last, as a linear layer reads them
 
 
 class LayerScores(NamedTuple):
@@ -85,8 +86,9 @@ def score_maps(
     by several layers (the very same tensor at several taps) is scored once: the later taps keep zeros, and `same`
     maps each to the first.
 
-    2-D maps [N, C] (a Linear's input) are scored as [N, C, 1, 1]: one position per image. A module called
-    several times per pass adds every call's map."""
+    2-D maps [N, C] (a Linear's input) are scored as [N, C, 1, 1]: one position per image; channels-last maps
+    [N, ..., C] (a Linear's input inside a block, as in ConvNeXt) as [N, C, ...]. A module called several times per
+    pass adds every call's map."""
     sums = {name: torch.zeros(tap.channels, dtype=torch.float64) for name, tap in taps.items()}
     same: dict[str, str] = {}
     seen: list[tuple[weakref.ref[Tensor], int, str]] = []  # this pass's maps: the same tensor is scored once
@@ -100,7 +102,7 @@ def score_maps(
         seen.append((weakref.ref(fmap), fmap._version, name))
         if not torch.isfinite(fmap).all():
             raise CalibrationError(f"non-finite activations in {name} during scoring")
-        sums[name] += criterion.batch_sum(fmap[:, :, None, None] if fmap.dim() == 2 else fmap)
+        sums[name] += criterion.batch_sum(_four_d(fmap, taps[name].channel_dim))
 
     def attach(name: str, tap: Tap) -> RemovableHandle:
         module = model.get_submodule(tap.module)
@@ -170,6 +172,14 @@ def score_maps(
     if images == 0:
         raise CalibrationError("no calibration images")
     return MapScores({name: s / images for name, s in sums.items()}, images, same)
+
+
+def _four_d(fmap: Tensor, channel_dim: int) -> Tensor:
+    """A map as [N, C, H, W]: channels moved to dim 1, a 2-D map given one position, a 3-D one a trailing dim."""
+    if fmap.dim() == 2:
+        return fmap[:, :, None, None]
+    fmap = fmap.movedim(channel_dim, 1)
+    return fmap.unsqueeze(-1) if fmap.dim() == 3 else fmap.flatten(3)
 
 
 def _out_of_memory(e: RuntimeError) -> bool:

@@ -25,168 +25,202 @@ one forward pass of `example_inputs`."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import linecache
+import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, cast
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from . import tracing
 from .calibrate import Tap, score_maps
+from .coupling import LAYERS, Cost, Group, Space, costs, couple, macs_after, removal, remove
 from .criteria import L1, ActivationCriterion, Criterion, WeightCriterion, get_criterion
-from .models.resnet_cifar import ChannelShortcut
-from .profile import count_macs
+from .pruners import PRUNERS, traceable
 
 SCOPES = ("local", "global")
 FLOPS_TOLERANCE = 0.02  # flops_target is reached within this fraction of itself
-LAYERS = (nn.modules.conv._ConvNd, nn.Linear)  # what scores are taken at, and what groups are rooted at
 
 
-class ShortcutPruner(tp.pruner.BasePruningFunc):
-    """Torch-Pruning surgery of a ChannelShortcut: input and output channels are independent dims, as a conv's."""
+@dataclass
+class _Analysis:
+    """A model's graph and trace, its prunable groups, their importance, and its layers' costs."""
 
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        """Drop the routes to the pruned output channels and renumber the rest."""
-        assert isinstance(layer, ChannelShortcut)
-        keep = torch.tensor([c for c in range(layer.out_channels) if c not in set(idxs)], dtype=torch.long)
-        src, dst = layer.restricted(torch.arange(len(layer.src) and int(layer.src.max().item()) + 1), keep)
-        layer.out_channels = len(keep)
-        layer.set_map(src, dst)
-        return layer
-
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        """Drop the routes from the pruned input channels and renumber the rest."""
-        assert isinstance(layer, ChannelShortcut)
-        n = max([*layer.src.tolist(), *idxs], default=-1) + 1
-        keep = torch.tensor([c for c in range(n) if c not in set(idxs)], dtype=torch.long)
-        layer.set_map(*layer.restricted(keep, torch.arange(layer.out_channels)))
-        return layer
-
-    def get_out_channels(self, layer: nn.Module) -> int:
-        """Output channels."""
-        return cast(ChannelShortcut, layer).out_channels
-
-    def get_in_channels(self, layer: nn.Module) -> None:
-        """Unknown to the module (it reads whatever it is given): no check on input indices."""
-        return None
+    graph: tp.DependencyGraph
+    record: tracing.Record
+    shuffles: list[tracing.Shuffle]
+    names: dict[nn.Module, str]
+    groups: list[Group]
+    importance: dict[str, Tensor]
+    costs: list[Cost]
+    macs: int  # all of the model's multiply-accumulates
+    fixed: int  # those of the layers outside the graph
 
 
-class IdentityShortcut(ChannelShortcut):
-    """A ChannelShortcut whose map is the identity, as Torch-Pruning sees it while it traces and prunes: its input
-    and output channels are the same channels, so the blocks it joins are pruned together (a residual group)."""
-
-
-class IdentityShortcutPruner(tp.pruner.BasePruningFunc):
-    """Torch-Pruning surgery of an IdentityShortcut: the same channels leave its input and its output."""
-
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        """The identity map on the channels left."""
-        assert isinstance(layer, ChannelShortcut)
-        layer.out_channels -= len(set(idxs))
-        everything = torch.arange(layer.out_channels)
-        layer.set_map(everything, everything)
-        return layer
-
-    # One function for both sides: that is how Torch-Pruning knows that pruning one side prunes the other.
-    prune_in_channels = prune_out_channels
-
-    def get_out_channels(self, layer: nn.Module) -> int:
-        """Output channels."""
-        return cast(ChannelShortcut, layer).out_channels
-
-    get_in_channels = get_out_channels
-
-
-PRUNERS = {ChannelShortcut: ShortcutPruner(), IdentityShortcut: IdentityShortcutPruner()}
-
-
-def prune_model(
-    model: nn.Module,
-    example_inputs: Tensor,
-    calibration: Iterable[Any],
-    *,
-    pruning_ratio: float | dict[str, float] | None = None,
-    flops_target: float | None = None,
-    criterion: str | Criterion = "chip",
-    scope: str = "local",
-    ignored_layers: Iterable[nn.Module | str] = (),
-    round_to: int | None = None,
-    importance: dict[str, Tensor] | None = None,
-) -> nn.Module:
+def prune_model(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any], *,
+                pruning_ratio: float | dict[str, float] | None = None, flops_target: float | None = None,
+                criterion: str | Criterion = "chip", scope: str = "local",
+                ignored_layers: Iterable[nn.Module | str] = (), round_to: int | None = None,
+                importance: dict[str, Tensor] | None = None) -> nn.Module:
     """A physically pruned copy of `model` (which is left as it is), its channels ranked by `criterion`.
 
     calibration: batches of inputs, or (inputs, targets) pairs. Give exactly one of pruning_ratio (the fraction of
     channels removed from every group, or a dict from module name to the ratio of the groups holding it) and
-    flops_target (the fraction of the FLOPs to keep, reached within 2 %). scope "global" ranks all groups' channels
-    together. round_to: keep channel counts at multiples of it. importance: from group_importance on this model
-    (calibration is then not read), to prune one model several ways from one scoring pass."""
+    flops_target (the fraction of the FLOPs to keep, reached within 2 % where the groups allow it). scope "global"
+    ranks all groups' channels together. round_to: keep channel counts at multiples of it. importance: from
+    group_importance on this model (calibration is then not read), to prune one model several ways from one scoring
+    pass."""
     _check(pruning_ratio, flops_target, scope, round_to)
-    named = {n for n, _ in model.named_modules()}
-    unknown = sorted(set(pruning_ratio) - named) if isinstance(pruning_ratio, dict) else []
+    names = {m: n for n, m in model.named_modules()}
+    unknown = sorted(set(pruning_ratio) - set(names.values())) if isinstance(pruning_ratio, dict) else []
     if unknown:
         raise ValueError(f"pruning_ratio: no module named {', '.join(unknown)} in the model")
-    scores, ignored = _analyse(model, example_inputs, calibration, criterion, ignored_layers, importance)
+    analysis = _analyse(model, example_inputs, calibration, criterion, ignored_layers, names, importance)
+    order = [_ranking(analysis.importance[g.root], g) for g in analysis.groups]
 
-    def trial(ratio: float | dict[str, float]) -> nn.Module:
-        return _pruned(model, example_inputs, scores, ratio, scope == "global", ignored, round_to)
+    def cut(ratio: float | list[float]) -> dict[Space, list[int]]:
+        return removal(analysis.groups, _choose(analysis.groups, order, ratio, scope == "global", round_to))
 
     if flops_target is None:
         assert pruning_ratio is not None
-        return trial(pruning_ratio)
-    return _search(model, example_inputs, trial, flops_target)
+        ratios = ([_ratio_of(g, analysis, pruning_ratio) for g in analysis.groups]
+                  if isinstance(pruning_ratio, dict) else pruning_ratio)
+        return _checked(model, example_inputs, analysis, cut(ratios))
+    return _checked(model, example_inputs, analysis, _search(analysis, cut, flops_target, scope == "global"))
 
 
-def group_importance(
-    model: nn.Module,
-    example_inputs: Tensor,
-    calibration: Iterable[Any],
-    *,
-    criterion: str | Criterion = "chip",
-    ignored_layers: Iterable[nn.Module | str] = (),
-) -> dict[str, Tensor]:
-    """The importance of the channels of every prunable group, keyed by the name of the group's root layer."""
-    return _analyse(model, example_inputs, calibration, criterion, ignored_layers)[0]
+def group_importance(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any], *,
+                     criterion: str | Criterion = "chip", ignored_layers: Iterable[nn.Module | str] = ()
+                     ) -> dict[str, Tensor]:
+    """The importance of the channels of every prunable group, keyed by the name of the group's root layer: one
+    value per channel class of the group, the root's channels first (for most groups, one per root channel)."""
+    names = {m: n for n, m in model.named_modules()}
+    return _analyse(model, example_inputs, calibration, criterion, ignored_layers, names).importance
 
 
-def _analyse(
-    model: nn.Module,
-    example_inputs: Tensor,
-    calibration: Iterable[Any],
-    criterion: str | Criterion,
-    ignored_layers: Iterable[nn.Module | str],
-    importance: dict[str, Tensor] | None = None,
-) -> tuple[dict[str, Tensor], set[str]]:
-    """Group importances (measured unless given), and the names of the layers whose outputs stay (the given ones and
-    the output layers)."""
+def _analyse(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any], criterion: str | Criterion,
+             ignored_layers: Iterable[nn.Module | str], names: dict[nn.Module, str],
+             importance: dict[str, Tensor] | None = None) -> _Analysis:
+    """Groups and their importances (measured unless given); the given ignored layers and the output layers keep
+    their outputs."""
     judge = get_criterion(criterion) if isinstance(criterion, str) else criterion
     if not isinstance(judge, ActivationCriterion | WeightCriterion):
         raise ValueError(f"criterion must be a name or have batch_sum or weight_scores, got {criterion!r}")
-    names = {m: n for n, m in model.named_modules()}
     ignored = {names.get(m, "?") if isinstance(m, nn.Module) else m for m in ignored_layers}
     unknown = sorted(ignored - set(names.values()))
     if unknown:
         raise ValueError(f"ignored_layers: no module named {', '.join(unknown)} in the model")
     training = model.training
     try:
-        graph = _graph(model, example_inputs)
-        ignored |= {names[m] for m in _output_layers(graph)}
-        groups = list(
-            graph.get_all_groups(ignored_layers=[model.get_submodule(n) for n in ignored], root_module_types=LAYERS)
-        )
-        roots = {names[group[0].dep.target.module] for group in groups}
-        if importance is not None and set(importance) != roots:
+        analysis = _structure(model, example_inputs, ignored, names)
+        sizes = {g.root: len(g.classes) for g in analysis.groups}
+        if importance is not None and {k: len(v) for k, v in importance.items()} != sizes:
             raise ValueError("importance: not from group_importance on this model with these ignored_layers")
-        return importance or _importances(model, graph, groups, judge, calibration), ignored
+        if importance is None:  # else prune_model runs the pruned model before returning it
+            _probe(model, example_inputs, analysis)
+        analysis.importance = importance or _importances(model, analysis, judge, calibration)
+        return analysis
     finally:
         model.train(training)
 
 
-def _check(
-    pruning_ratio: float | dict[str, float] | None, flops_target: float | None, scope: str, round_to: int | None
-) -> None:
+def _structure(model: nn.Module, example_inputs: Tensor, ignored: set[str], names: dict[nn.Module, str]
+               ) -> _Analysis:
+    """The model's graph, trace, groups and costs (no importance yet); `ignored` and the output layers keep their
+    outputs."""
+    graph, record, shuffles = _graph(model, example_inputs)
+    ignored = ignored | {names[m] for m in _output_layers(graph)}
+    kept = {sub for n in ignored for sub in model.get_submodule(n).modules()}
+    macs = record.macs
+    layers = costs(graph, macs)
+    fixed = sum(macs.values()) - sum(macs[c.out.node.module] for c in layers)
+    return _Analysis(graph, record, shuffles, names, couple(graph, names, kept), {}, layers, sum(macs.values()),
+                     fixed)
+
+
+class Channel(NamedTuple):
+    """One layer's entry of a channel: its module, "in" or "out" (the side of it the channel is on), its position."""
+
+    module: str
+    side: str
+    position: int
+
+
+def channel_classes(model: nn.Module, example_inputs: Tensor) -> dict[str, list[list[Channel]]]:
+    """Per prunable group (keyed by its root layer, as group_importance), its channel classes in the order of the
+    importances: the entries of the model's modules that removing the class removes."""
+    names = {m: n for n, m in model.named_modules()}
+    training = model.training
+    try:
+        analysis = _structure(model, example_inputs, set(), names)
+    finally:
+        model.train(training)
+    graph = analysis.graph
+    return {g.root: [[Channel(names[s.node.module], "out" if graph.is_out_channel_pruning_fn(s.fn) else "in", i)
+                      for s, i in cls if s.node.module in names] for cls in g.classes] for g in analysis.groups}
+
+
+def _probe(model: nn.Module, example_inputs: Tensor, analysis: _Analysis) -> None:
+    """ValueError, before any scoring, where removing channels breaks the model: one unit of every group is removed
+    and the example run; the message names the module and the call that failed, and the groups whose removal
+    breaks it (found by halving), to pass as ignored_layers."""
+
+    def failure(chosen: list[int]) -> str | None:
+        units = [[len(g.units) - 1] if i in chosen and len(g.units) > 1 else [] for i, g in enumerate(analysis.groups)]
+        return _failure(_pruned(model, analysis, removal(analysis.groups, units)), example_inputs)
+
+    every = list(range(len(analysis.groups)))
+    message = failure(every)
+    if message is not None:
+        roots = [analysis.groups[i].root for i in _culprits(every, failure)]
+        shown = ", ".join(repr(r) for r in roots[:4]) + (f", ... ({len(roots)} groups)" if len(roots) > 4 else "")
+        raise ValueError(f"{message}; ignored_layers=[{shown}] keeps the channels that break it")
+
+
+def _culprits(chosen: list[int], failure: Callable[[list[int]], str | None]) -> list[int]:
+    """The groups of `chosen` (which fails) whose removal fails, by halving; a half that fails only with the other
+    half counts whole."""
+    if len(chosen) == 1:
+        return chosen
+    halves = [chosen[: len(chosen) // 2], chosen[len(chosen) // 2 :]]
+    failing = [h for h in halves if failure(h) is not None]
+    return [g for h in failing for g in _culprits(h, failure)] if failing else chosen
+
+
+def _failure(pruned: nn.Module, example_inputs: Tensor) -> str | None:
+    """None if the pruned model runs the example in eval mode; else which module and call failed, and how."""
+    training = pruned.training
+    try:
+        with torch.no_grad():
+            pruned.eval()(example_inputs)
+    except (RuntimeError, ValueError, IndexError, AssertionError) as e:
+        return _describe(e, pruned)
+    finally:
+        pruned.train(training)
+    return None
+
+
+def _describe(error: Exception, model: nn.Module) -> str:
+    """One line: the innermost module of `model` whose forward raised `error`, its source line, and the error."""
+    names = {m: n for n, m in model.named_modules()}
+    where = "the model"
+    for frame, line in traceback.walk_tb(error.__traceback__):
+        module = frame.f_locals.get("self")
+        if isinstance(module, nn.Module) and module in names:
+            code = linecache.getline(frame.f_code.co_filename, line).strip()
+            where = f"{names[module] or 'the model'} ({type(module).__name__}): `{code}`"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"removing channels breaks {where}: {type(error).__name__}: {first}"
+
+
+def _check(pruning_ratio: float | dict[str, float] | None, flops_target: float | None, scope: str,
+           round_to: int | None) -> None:
     """ValueError for a request that makes no sense."""
     if (pruning_ratio is None) == (flops_target is None):
         raise ValueError("give exactly one of pruning_ratio and flops_target")
@@ -201,31 +235,22 @@ def _check(
         raise ValueError(f"round_to must be a positive integer, got {round_to}")
 
 
-@contextmanager
-def _traceable(model: nn.Module) -> Iterator[None]:
-    """Every ChannelShortcut forwarded through its gather, and the identity ones seen as IdentityShortcut, while
-    Torch-Pruning traces and prunes the model.
+def _graph(model: nn.Module, example_inputs: Tensor) -> tuple[tp.DependencyGraph, tracing.Record,
+                                                               list[tracing.Shuffle]]:
+    """The dependency graph of `model` (left in eval mode), its trace, and its channel shuffles, with indices mapped
+    from the trace through concatenations, splits and reshapes of the channels."""
+    record = tracing.Record()
 
-    An identity shortcut returns its input tensor itself, whose autograd node the tracer would then take for the
-    shortcut's, hiding the layer that made it; on exit each shortcut is a ChannelShortcut again, its fast path
-    recomputed from its map."""
-    shortcuts = [m for m in model.modules() if isinstance(m, ChannelShortcut)]
-    for m in shortcuts:
-        if m.identity:
-            m.__class__ = IdentityShortcut
-        m.identity = False
-    try:
-        yield
-    finally:
-        for m in shortcuts:
-            m.__class__ = ChannelShortcut
-            m.set_map(m.src, m.dst)
+    def forward(m: nn.Module, x: Tensor) -> Any:
+        with tracing.recording(m, record):
+            return m(x)
 
-
-def _graph(model: nn.Module, example_inputs: Tensor) -> tp.DependencyGraph:
-    """The dependency graph of `model` (left in eval mode)."""
-    with _traceable(model), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs, customized_pruners=PRUNERS, verbose=False)
+    graph = tp.DependencyGraph()
+    # Its last step, index mapping, can fail on sizes it inferred (shufflenet: ZeroDivisionError): redone below.
+    with traceable(model), torch.enable_grad(), contextlib.suppress(TypeError, ZeroDivisionError):
+        graph.build_dependency(model, example_inputs, forward_fn=forward, customized_pruners=PRUNERS, verbose=False)
+    tracing.map_indices(graph, record)
+    return graph, record, tracing.reshapes(graph, record)
 
 
 def _output_layers(graph: tp.DependencyGraph) -> set[nn.Module]:
@@ -242,60 +267,55 @@ def _output_layers(graph: tp.DependencyGraph) -> set[nn.Module]:
     return found
 
 
-Member = tuple[nn.Module, list[int], list[int]]  # a layer of a group, its channel indices, the group's indices
+Member = tuple[nn.Module, list[int], list[int]]  # a layer of a group, its channel indices, their class positions
 
 
-def _members(group: tp.Group, inputs: bool) -> list[Member]:
-    """The conv/linear layers whose input (or output) channels the group prunes, with their own and root indices."""
-    graph = group._DG  # the graph the group was made from
+def _members(graph: tp.DependencyGraph, group: Group, inputs: bool) -> list[Member]:
+    """The conv/linear layers whose input (or output) channels the group holds, with their indices and classes."""
     is_side = graph.is_in_channel_pruning_fn if inputs else graph.is_out_channel_pruning_fn
-    return [
-        (item.dep.target.module, item.idxs, item.root_idxs)
-        for item in group
-        if isinstance(item.dep.target.module, LAYERS) and is_side(item.dep.handler)
-    ]
+    found: dict[nn.Module, tuple[list[int], list[int]]] = {}
+    for position, cls in enumerate(group.classes):
+        for space, i in cls:
+            if isinstance(space.node.module, LAYERS) and is_side(space.fn):
+                idxs, positions = found.setdefault(space.node.module, ([], []))
+                idxs.append(i)
+                positions.append(position)
+    return [(m, idxs, positions) for m, (idxs, positions) in found.items()]
 
 
-def _importances(
-    model: nn.Module, graph: tp.DependencyGraph, groups: list[tp.Group], judge: Criterion, calibration: Iterable[Any]
-) -> dict[str, Tensor]:
-    """The importance of every group's channels, keyed by the name of the group's root layer."""
-    names = {m: n for n, m in model.named_modules()}
-    roots = [names[group[0].dep.target.module] for group in groups]
-    producers = [_members(group, inputs=False) for group in groups]
+def _importances(model: nn.Module, analysis: _Analysis, judge: Criterion, calibration: Iterable[Any]
+                 ) -> dict[str, Tensor]:
+    """The importance of every group's channel classes, keyed by the name of the group's root layer."""
+    graph, names, groups = analysis.graph, analysis.names, analysis.groups
+    producers = [_members(graph, group, inputs=False) for group in groups]
     if not isinstance(judge, ActivationCriterion):
-        return {
-            root: _combine([(_filter_scores(judge, m), i, r) for m, i, r in members], len(group[0].idxs))
-            for root, group, members in zip(roots, groups, producers, strict=True)
-        }
-    consumers = [_members(group, inputs=True) for group in groups]
-    taps = {names[m]: Tap(names[m], "input", graph.get_in_channels(m)) for members in consumers for m, _, _ in members}
+        return {g.root: _combine([(_filter_scores(judge, m), i, r) for m, i, r in made], len(g.classes))
+                for g, made in zip(groups, producers, strict=True)}
+    consumers = [_members(graph, group, inputs=True) for group in groups]
+    taps = {names[m]: Tap(names[m], "input", graph.get_in_channels(m), -1 if isinstance(m, nn.Linear) else 1)
+            for members in consumers for m, _, _ in members}
     inputs = (batch[0] if isinstance(batch, tuple | list) else batch for batch in calibration)
     device = next(model.parameters()).device
     scores, _, same = score_maps(model, taps, judge, inputs, device=device)
     importance, flat, unseen = {}, [], []
-    for root, group, made, read in zip(roots, groups, producers, consumers, strict=True):
+    for group, made, read in zip(groups, producers, consumers, strict=True):
         read = [(m, i, r) for m, i, r in read if names[m] not in same]  # a map read by several layers counts once
-        spatial = [(m, i, r) for m, i, r in read if not isinstance(m, nn.Linear)]
+        spatial = [(m, i, r) for m, i, r in read if analysis.record.input_dims.get(names[m], 4) > 2]
         if spatial or read:
-            flat += [] if spatial else [root]
-            importance[root] = _combine([(scores[names[m]], i, r) for m, i, r in spatial or read], len(group[0].idxs))
+            flat += [] if spatial else [group.root]
+            importance[group.root] = _combine([(scores[names[m]], i, r) for m, i, r in spatial or read],
+                                              len(group.classes))
         else:
-            unseen.append(root)
-            importance[root] = _combine([(_filter_scores(L1(), m), i, r) for m, i, r in made], len(group[0].idxs))
+            unseen.append(group.root)
+            importance[group.root] = _combine([(_filter_scores(L1(), m), i, r) for m, i, r in made],
+                                              len(group.classes))
     if flat:
-        warnings.warn(
-            f"{judge.name}: no spatial feature map reads the channels of the groups rooted at "
-            f"{', '.join(flat)}; scored on the 2-D input of the linear layers reading them (one position "
-            "per image: a magnitude ranking)",
-            stacklevel=4,
-        )
+        warnings.warn(f"{judge.name}: no spatial feature map reads the channels of the groups rooted at "
+                      f"{', '.join(flat)}; scored on the 2-D input of the linear layers reading them (one position "
+                      "per image: a magnitude ranking)", stacklevel=4)
     if unseen:
-        warnings.warn(
-            f"{judge.name}: no layer's input was observed holding the channels of the groups rooted at "
-            f"{', '.join(unseen)}; scored by the L1 norm of their filters",
-            stacklevel=4,
-        )
+        warnings.warn(f"{judge.name}: no layer's input was observed holding the channels of the groups rooted at "
+                      f"{', '.join(unseen)}; scored by the L1 norm of their filters", stacklevel=4)
     return importance
 
 
@@ -319,53 +339,106 @@ def _combine(members: list[tuple[Tensor, list[int], list[int]]], channels: int) 
     return total / count.clamp_min(1)
 
 
-def _pruned(
-    model: nn.Module,
-    example_inputs: Tensor,
-    importance: dict[str, Tensor],
-    ratio: float | dict[str, float],
-    global_pruning: bool,
-    ignored: set[str],
-    round_to: int | None,
-) -> nn.Module:
-    """A pruned deep copy of `model` at a uniform ratio or at per-module ratios."""
+def _ranking(importance: Tensor, group: Group) -> tuple[list[int], list[float]]:
+    """The group's units by rising importance (the mean of their classes'), ties by position."""
+    scores = [float(importance[unit].mean()) for unit in group.units]
+    order = sorted(range(len(scores)), key=lambda u: (scores[u], u))
+    return order, [scores[u] for u in order]
+
+
+def _ratio_of(group: Group, analysis: _Analysis, ratios: dict[str, float]) -> float:
+    """The ratio a dict gives the group: that of a module (or one holding it) whose outputs the group holds."""
+    graph = analysis.graph
+    held = {analysis.names[s.node.module] for cls in group.classes for s, _ in cls
+            if s.node.module in analysis.names and graph.is_out_channel_pruning_fn(s.fn)}
+    for key, ratio in ratios.items():
+        if any(n == key or n.startswith(key + ".") for n in held):
+            return ratio
+    return 0.0
+
+
+def _kept(units: int, kept: int, round_to: int | None) -> int:
+    """At least one unit, and with round_to, a multiple of it where one fits."""
+    kept = max(kept, 1)
+    if round_to and kept >= round_to:
+        kept -= kept % round_to
+    return min(kept, units)
+
+
+def _choose(groups: list[Group], order: list[tuple[list[int], list[float]]], ratio: float | list[float],
+            global_scope: bool, round_to: int | None) -> list[list[int]]:
+    """The units each group loses: per group, the fraction `ratio` of its units (a list: one ratio per group), or
+    with global scope the fraction `ratio` of all groups' units, the least important across groups."""
+    sizes = [len(g.units) for g in groups]
+    if not global_scope:
+        ratios = ratio if isinstance(ratio, list) else [ratio] * len(groups)
+        keep = [_kept(n, int(n * (1 - r)), round_to) for n, r in zip(sizes, ratios, strict=True)]
+    else:
+        assert isinstance(ratio, float | int)
+        total = sum(sizes)
+        pooled = sorted((score, g, k) for g, (_, scores) in enumerate(order) for k, score in enumerate(scores))
+        lost = [0] * len(groups)
+        for _, g, _ in pooled[:total - int(total * (1 - ratio))]:
+            lost[g] += 1
+        keep = [_kept(n, n - lost_g, round_to) for n, lost_g in zip(sizes, lost, strict=True)]
+    return [units[:n - k] for (units, _), n, k in zip(order, sizes, keep, strict=True)]
+
+
+def _macs(analysis: _Analysis, cut: dict[Space, list[int]]) -> int:
+    """The model's multiply-accumulates without the channels `cut`."""
+    return analysis.fixed + macs_after(analysis.costs, cut)
+
+
+def _search(analysis: _Analysis, cut: Callable[[float | list[float]], dict[Space, list[int]]], target: float,
+            global_scope: bool) -> dict[Space, list[int]]:
+    """The channels to remove so that target × the model's FLOPs stay, within 2 %: bisecting on the ratio, then
+    (local scope) moving groups one by one from the ratio just above the target to the one just below. Where the
+    groups' steps allow no closer point, the closest point at or below the target, with a warning."""
+    if target == 1:
+        return {}
+
+    def kept(c: dict[Space, list[int]]) -> float:
+        return _macs(analysis, c) / analysis.macs
+
+    lo, hi = 0.0, 1.0  # ratios keeping more / less than the target
+    for _ in range(40):
+        ratio = (lo + hi) / 2
+        trial = cut(ratio)
+        if abs(kept(trial) - target) <= FLOPS_TOLERANCE * target:
+            return trial
+        lo, hi = (ratio, hi) if kept(trial) > target else (lo, ratio)
+    best = cut(hi)
+    if not global_scope:
+        n = len(analysis.groups)
+        left, right = 0, n  # groups moved to `hi`: too few / enough to go below the target
+        while right - left > 1:
+            moved = (left + right) // 2
+            trial = cut([hi] * moved + [lo] * (n - moved))
+            if abs(kept(trial) - target) <= FLOPS_TOLERANCE * target:
+                return trial
+            left, right = (moved, right) if kept(trial) > target else (left, moved)
+        best = cut([hi] * right + [lo] * (n - right))
+    if kept(best) > target * (1 + FLOPS_TOLERANCE):
+        raise ValueError(f"flops_target {target:.4f}: the prunable groups keep at least {kept(best):.4f} of the FLOPs")
+    warnings.warn(f"flops_target {target:.4f}: the channel groups allow no point within 2 %; keeping "
+                  f"{kept(best):.4f} of the FLOPs, the closest below", stacklevel=3)
+    return best
+
+
+def _pruned(model: nn.Module, analysis: _Analysis, cut: dict[Space, list[int]]) -> nn.Module:
+    """A copy of `model` without the channels `cut`, its calls that hold channel counts replaced."""
     pruned = copy.deepcopy(model)
-    names = {m: n for n, m in pruned.named_modules()}
-    by_name = dict(pruned.named_modules())
-
-    def score(group: tp.Group) -> Tensor:
-        return importance[names[group[0].dep.target.module]].float()
-
-    with _traceable(pruned), torch.enable_grad():
-        pruner = tp.pruner.BasePruner(
-            pruned,
-            example_inputs,
-            importance=score,
-            global_pruning=global_pruning,
-            pruning_ratio=0.0 if isinstance(ratio, dict) else ratio,
-            pruning_ratio_dict={by_name[n]: r for n, r in ratio.items()} if isinstance(ratio, dict) else None,
-            ignored_layers=[by_name[n] for n in ignored],
-            round_to=round_to,
-            customized_pruners=PRUNERS,
-            root_module_types=list(LAYERS),
-        )
-        pruner.step()
+    with traceable(pruned):
+        remove(pruned, analysis.graph, analysis.names, cut)
+    tracing.install(pruned, tracing.replacements(analysis.graph, analysis.record, analysis.shuffles, cut))
     return pruned.train(model.training)
 
 
-def _search(model: nn.Module, example_inputs: Tensor, trial: Callable[[float], nn.Module], target: float) -> nn.Module:
-    """The pruned model whose FLOPs are within 2 % of `target` × the model's, bisecting on the pruning ratio."""
-    if 1 - target <= FLOPS_TOLERANCE * target:  # keeping everything is within the tolerance
-        return trial(0.0)
-    base = count_macs(model, example_inputs)
-    lo, hi, best_kept = 0.0, 1.0, 1.0
-    for _ in range(30):
-        ratio = (lo + hi) / 2
-        pruned = trial(ratio)
-        kept = count_macs(pruned, example_inputs) / base
-        if abs(kept - target) < abs(best_kept - target):
-            best_kept = kept
-        if abs(kept - target) <= FLOPS_TOLERANCE * target:
-            return pruned
-        lo, hi = (ratio, hi) if kept > target else (lo, ratio)
-    raise ValueError(f"no pruning ratio keeps {target:.4f} of the FLOPs within 2 %; the closest keeps {best_kept:.4f}")
+def _checked(model: nn.Module, example_inputs: Tensor, analysis: _Analysis, cut: dict[Space, list[int]]
+             ) -> nn.Module:
+    """The pruned model, once it has run the example (else ValueError saying where it broke)."""
+    pruned = _pruned(model, analysis, cut)
+    message = _failure(pruned, example_inputs)
+    if message is not None:
+        raise ValueError(message)
+    return pruned

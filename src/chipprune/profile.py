@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import cast
 
 import torch
 from torch import Tensor, nn
+
+LAYERS = (nn.modules.conv._ConvNd, nn.Linear)  # the layers whose multiply-accumulates are counted
+
+
+def call_macs(layer: nn.Module, output: Tensor) -> int:
+    """Multiply-accumulates of one call of a conv or linear layer that gave `output`."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return output.numel() * layer.weight[0].numel()  # weight[0]: in_channels / groups × kernel
+    return output.numel() * cast(nn.Linear, layer).in_features
 
 
 def count_params(model: nn.Module) -> int:
@@ -19,20 +29,20 @@ def count_flops(model: nn.Module, input_size: int) -> int:
     return count_macs(model, torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
 
 
-@torch.no_grad()
 def count_macs(model: nn.Module, example_inputs: Tensor) -> int:
     """Multiply-accumulates of every conv and linear layer in one eval-mode forward pass of `example_inputs`."""
-    total = 0
+    return sum(layer_macs(model, example_inputs).values())
+
+
+@torch.no_grad()
+def layer_macs(model: nn.Module, example_inputs: Tensor) -> dict[nn.Module, int]:
+    """Multiply-accumulates of each conv and linear layer (all its calls) in one eval-mode forward pass."""
+    totals: dict[nn.Module, int] = {}
 
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.modules.conv._ConvNd):
-            total += output.numel() * module.weight[0].numel()  # weight[0]: in_channels / groups × kernel
-        elif isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
+        totals[module] = totals.get(module, 0) + call_macs(module, output)
 
-    layers = (nn.modules.conv._ConvNd, nn.Linear)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, layers)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LAYERS)]
     was_training = model.training
     try:
         model.eval()
@@ -41,7 +51,7 @@ def count_macs(model: nn.Module, example_inputs: Tensor) -> int:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return total
+    return totals
 
 
 @torch.no_grad()

@@ -1,0 +1,218 @@
+"""prune_model on every torchvision classification model and one model of every timm CNN family, with random weights,
+beside Torch-Pruning's own pruner on the same model in the same run.
+
+    python experiments/coverage.py [--size 224] [--log results/coverage/coverage-224.jsonl] [--only NAME ...]
+
+Each model runs in a forked process of its own (a hang is cut at --timeout seconds): prune_model(flops_target=0.5)
+with CHIP on one random image, then Torch-Pruning 1.6.1's MetaPruner with MagnitudeImportance at pruning_ratio 0.3 (the
+classifier ignored). One JSON line per model goes to --log; a rerun skips the models logged. The markdown table
+is written into docs/any-cnn.md between the coverage markers of the input size."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import queue
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+TIMM = [
+    "resnet18",
+    "resnet18d",
+    "resnext26ts",
+    "seresnext26d_32x4d",
+    "res2net50_14w_8s",
+    "resnest14d",
+    "regnetx_002",
+    "regnety_002",
+    "regnetz_b16",
+    "efficientnet_b0",
+    "efficientnetv2_rw_t",
+    "mobilenetv3_small_050",
+    "mobilenetv4_conv_small",
+    "mnasnet_small",
+    "ghostnet_050",
+    "rexnet_100",
+    "mixnet_s",
+    "convnext_atto",
+    "densenet121",
+    "dla46_c",
+    "dpn48b",
+    "hrnet_w18_small",
+    "cspresnet50",
+    "cspdarknet53",
+    "cs3darknet_s",
+    "darknet17",
+    "ese_vovnet19b_slim",
+    "repvgg_a0",
+    "mobileone_s0",
+    "xception41",
+    "inception_v3",
+    "nf_regnet_b0",
+    "nfnet_l0",
+    "skresnet18",
+    "selecsls42b",
+    "vit_tiny_patch16_224",
+    "mobilevit_xs",
+]
+
+
+def models() -> list[str]:
+    """Every torchvision classification builder, then the timm families."""
+    import torchvision
+
+    return [f"tv:{n}" for n in torchvision.models.list_models(module=torchvision.models)] + [f"timm:{n}" for n in TIMM]
+
+
+def build(name: str, size: int) -> Any:
+    """The model with random weights and 10 classes."""
+    source, arch = name.split(":")
+    if source == "tv":
+        import torchvision
+
+        extra = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
+        extra |= {"image_size": size} if arch.startswith("vit_") else {}
+        return torchvision.models.get_model(arch, weights=None, num_classes=10, **extra)
+    import timm
+
+    return timm.create_model(
+        arch, pretrained=False, num_classes=10, **({"img_size": size} if arch.startswith("vit_") else {})
+    )
+
+
+def one(name: str, size: int, part: str) -> dict:
+    """One model's row: `part` "chip" (prune_model) or "tp" (Torch-Pruning alone)."""
+    import torch
+
+    from chipprune.graph import prune_model
+    from chipprune.profile import count_macs, count_params
+
+    torch.manual_seed(0)
+    model = build(name, size).eval()
+    x = torch.randn(1, 3, size, size)
+    row: dict = {"params": count_params(model), "flops": count_macs(model, x)}
+    start = time.time()
+    try:
+        if part == "chip":
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pruned = prune_model(model, x, [x], flops_target=0.5)
+            coarse = [str(w.message) for w in caught if "allow no point" in str(w.message)]
+            row["note"] = coarse[0] if coarse else ""
+        else:
+            pruned = _torch_pruning(model, x)
+        row["seconds"] = round(time.time() - start, 1)
+        with torch.no_grad():
+            out, ref = pruned.eval()(x), model(x)
+        row |= {
+            "params_after": count_params(pruned),
+            "flops_after": count_macs(pruned, x),
+            "status": "OK" if out.shape == ref.shape else f"output {tuple(out.shape)} != {tuple(ref.shape)}",
+        }
+    except Exception as e:  # the row records any failure
+        row |= {
+            "seconds": round(time.time() - start, 1),
+            "status": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+        }
+    return row
+
+
+def _torch_pruning(model: Any, x: Any) -> Any:
+    """Torch-Pruning alone: MetaPruner, L2 magnitude, ratio 0.3, the output layer ignored."""
+    import torch_pruning as tp
+    from torch import nn
+
+    last = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)][-1:]
+    pruner = tp.pruner.MetaPruner(
+        model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.3, ignored_layers=last
+    )
+    pruner.step()
+    return model
+
+
+def run(name: str, size: int, timeout: int) -> dict:
+    """Both parts of one model's row, each in a child process forked from this one (torch already imported)."""
+    context = multiprocessing.get_context("fork")
+    row: dict = {"model": name, "size": size}
+    for part in ("chip", "tp"):
+        results = context.Queue()
+        child = context.Process(target=_child, args=(name, size, part, results))
+        child.start()
+        try:
+            result = results.get(timeout=timeout)
+        except queue.Empty:
+            result = {"status": f"unfinished after {timeout} s", "seconds": timeout}
+        child.join(5)
+        if child.is_alive():
+            child.kill()
+        row |= {k if part == "chip" else f"tp_{k}": v for k, v in result.items()}
+    return row
+
+
+def _child(name: str, size: int, part: str, results: Any) -> None:
+    """One part of a row, put on `results` (a crash is a row too)."""
+    try:
+        results.put(one(name, size, part))
+    except BaseException as e:  # the model could not even be built
+        results.put({"status": f"{type(e).__name__}: {str(e).strip()[:200]}"})
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown coverage table."""
+    lines = [
+        "| model | params | GFLOPs | GFLOPs after | s to prune | status | Torch-Pruning alone (ratio 0.3) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        after = f"{r['flops_after'] / 1e9:.3f} ({r['flops_after'] / r['flops']:.3f})" if "flops_after" in r else ""
+        status = r["status"] + (f" ({r['note']})" if r.get("note") else "")
+        tp_status = r.get("tp_status", "")
+        tp_status = "prunes" if tp_status == "OK" else tp_status
+        lines.append(
+            f"| {r['model']} | {r.get('params', 0) / 1e6:.1f} M | {r.get('flops', 0) / 1e9:.3f} | {after} "
+            f"| {r.get('seconds', '')} | {status.replace('|', '/')} | {tp_status.replace('|', '/')} |"
+        )
+    return "\n".join(lines)
+
+
+def publish(rows: list[dict], doc: Path, size: int) -> None:
+    """Replace the table between the markers of this input size in `doc`."""
+    start, end = f"<!-- coverage {size} -->", f"<!-- /coverage {size} -->"
+    head, rest = doc.read_text().split(start, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{start}\n{table(rows)}\n{end}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--log", default=None, help="default: results/coverage/coverage-SIZE.jsonl")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per model and part")
+    parser.add_argument("--only", nargs="*", help="these models (tv:NAME, timm:NAME) only")
+    parser.add_argument("--doc", default="docs/any-cnn.md")
+    args = parser.parse_args()
+    import timm  # noqa: F401  imported once, before the children fork
+    import torch
+    import torchvision  # noqa: F401
+
+    torch.set_num_threads(1)  # one thread per child: forking a process that runs OpenMP teams can hang
+    log = Path(args.log or f"results/coverage/coverage-{args.size}.jsonl")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.loads(ln)["model"] for ln in log.read_text().splitlines()} if log.exists() else set()
+    for name in args.only or models():
+        if name not in done:
+            row = run(name, args.size, args.timeout)
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(
+                f"{name}: {row['status']} ({row.get('seconds')} s); Torch-Pruning: {row.get('tp_status')}", flush=True
+            )
+    rows = [json.loads(ln) for ln in log.read_text().splitlines()]
+    publish(rows, Path(args.doc), args.size)
+
+
+if __name__ == "__main__":
+    main()
