@@ -345,8 +345,8 @@ def _batch_sizes(text: str) -> list[int]:
         sizes = [int(t) for t in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    if not sizes or min(sizes) < 1 or max(sizes) >= 2**31:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers below 2**31, got {text!r}")
     return sizes
 
 
@@ -623,6 +623,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune a model file into a run folder."""
+    check_run_folder(args.out_dir, [args.model, args.data, args.val_data])
     mf = load_model(args.model)
     with distributed(args.device) as place:
         train, test = load_data(args.data, args.val_data, args.train_subset, args.seed, place, args.ignore_class_names)
@@ -633,6 +634,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train an architecture from scratch into a run folder."""
+    check_run_folder(args.out_dir, [args.data, args.val_data])
     mean, std = parse_normalization(args.normalize)
     with distributed(args.device) as place:
         train, test = load_data(args.data, args.val_data, args.train_subset, args.seed, place, args.ignore_class_names)
@@ -656,7 +658,6 @@ def _fit(
     fields = {f.name for f in dataclasses.fields(Config)}
     cfg = dataclasses.replace(PRESETS[preset], **{k: v for k, v in vars(args).items() if k in fields})
     run = Path(args.out_dir)
-    check_run_folder(run, [getattr(args, "model", None), args.data, args.val_data])
     history = fit(
         mf,
         train,
