@@ -50,3 +50,18 @@ def make_tree(root: Path, layout: dict[str, dict[str, int]] = CLASSES, size: tup
                 labels.append(label)
         expected[split] = (torch.stack(images), torch.tensor(labels))
     return expected
+
+
+def png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit PNG of uint16 pixels [H, W, 1 or 3] (grey or RGB), written by hand: Pillow writes 16-bit grey only."""
+    import struct
+    import zlib
+
+    h, w, c = pixels.shape
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(h))  # filter 0 before each row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 3: 2}[c], 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")

@@ -5,30 +5,35 @@ stdout)."""
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import pickle
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import warnings
 import zipfile
 from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from attacks import Payload, touching
-from chipprune import __version__
+from chipprune import __version__, fileio
+from chipprune import export as export_module
 from chipprune.cli import build_parser
 from chipprune.data import DataError, load_split, sources
 from chipprune.fileio import atomic_write, stale_temps
@@ -42,22 +47,25 @@ from chipprune.modelfile import (
     load_model,
 )
 from chipprune.models import ARCHS, create_model
+from chipprune.scoresfile import ScoresError, read_scores
 from chipprune.sparsity import SparsityError, format_rates, parse_rates, resolve, widths
 from command import run
-from images import make_tree
+from images import make_tree, png16
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "chipprune"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROGRESS = re.compile(r"\[(\d+:)?\d\d:\d\d[<,]")  # a tqdm bar: "…| 40/40 [00:00<00:00, …]", "0batch [00:00, …]"
+WARNING = re.compile(r"chip [a-z]+: warning: ")
 
 
 def error_line(err):
-    """The one line of an error on stderr, after which nothing else; progress bars alone may come before it."""
+    """The one line of an error on stderr, after which nothing else; progress bars and warnings (one line each)
+    alone may come before it."""
     assert err.endswith("\n") and "Traceback" not in err, err
     *before, line = err[:-1].split("\n")  # not splitlines: a bar's updates are separated by carriage returns
-    assert all(PROGRESS.search(b) for b in before) and "\r" not in line, err
+    assert all(PROGRESS.search(b) or WARNING.match(b.split("\r")[-1]) for b in before) and "\r" not in line, err
     return line
 
 
@@ -897,3 +905,956 @@ def test_a_damaged_cache_file_is_decoded_again(tmp_path: Path, cache: Path, cont
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # rewritten: read from the cache again, without a word
         assert load_split(tmp_path / "root", "train", cache_dir=cache, progress=False).images is not None
+
+
+# ==== round 2 (issue 20): one test (or a few) per class of defect, each over several inputs ===================
+
+
+def writers(model):
+    """The commands that write one output file, as argument lists with {o} for the output."""
+    return {
+        "import": ["import", "--arch", "resnet20", "--weights", str(model), "--out", "{o}"],
+        "score": ["score", str(model), "--criterion", "l1", "--out", "{o}"],
+        "prune": ["prune", str(model), "--criterion", "l1", "--sparsity", "[0.]*12", "--out", "{o}"],
+    }
+
+
+def write(capsys, model, command, output):
+    """Run a writing command with `output` as its output."""
+    return run(capsys, *[a.replace("{o}", str(output)) for a in writers(model)[command]])
+
+
+# ---- 1. writing never replaces what is not a regular file, nor loses a file's mode -------------------------
+
+
+def output_of_kind(tmp_path, kind):
+    """An output path of one kind that must be refused, and what the refusal says."""
+    if kind == "device":
+        return "/dev/null", "/dev/null is a character device: an output must be a regular file or a new path"
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        return tmp_path / "fifo", "is a FIFO (named pipe)"
+    if kind == "folder":
+        (tmp_path / "folder").mkdir()
+        return tmp_path / "folder", "is a folder"
+    if kind == "link-to-device":
+        (tmp_path / "null").symlink_to("/dev/null")
+        return tmp_path / "null", "is a character device"
+    if kind == "empty":
+        return "", "empty output path"
+    if kind == "under-a-file":
+        (tmp_path / "file").write_text("x")
+        return tmp_path / "file" / "m.pt", "file is a regular file, not a folder"
+    if kind == "name-too-long":
+        return tmp_path / ("m" * 253 + ".pt"), "a name of 256 bytes, over the 255 the file system allows"
+    assert kind == "under-proc"
+    return "/proc/chip-test/m.pt", "cannot write /proc/chip-test/m.pt"
+
+
+@pytest.mark.parametrize("command", ["import", "score", "prune"])
+@pytest.mark.parametrize(
+    "kind", ["device", "fifo", "folder", "link-to-device", "empty", "under-a-file", "name-too-long", "under-proc"]
+)
+def test_an_output_that_cannot_be_a_regular_file_is_refused(capsys, workdir, tmp_path, command, kind):
+    output, message = output_of_kind(tmp_path, kind)
+    assert_refused(write(capsys, workdir / "r20.pt", command, output), message)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode), "/dev/null is still the device"
+    if kind == "fifo":
+        assert stat.S_ISFIFO(os.stat(output).st_mode)
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [("read-only", "is on a read-only file system"), ("disk-full", "cannot write {o}: No space left on device")],
+)
+def test_a_write_error_is_one_line_and_keeps_the_old_file(capsys, workdir, tmp_path, monkeypatch, failure, message):
+    output = tmp_path / "m.pt"
+    output.write_bytes(b"old")
+    if failure == "read-only":
+        statvfs = os.statvfs
+        monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_flag=statvfs(p).f_flag | os.ST_RDONLY))
+    else:
+
+        def full(fd):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full)
+    assert_refused(write(capsys, workdir / "r20.pt", "import", output), message.format(o=output))
+    assert output.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_a_link_is_written_through_and_a_replaced_file_keeps_its_mode_and_owner(capsys, workdir, tmp_path):
+    target = tmp_path / "target.pt"
+    target.write_bytes(b"old")
+    target.chmod(0o600)
+    if os.geteuid() == 0:
+        os.chown(target, 1234, 1234)
+    (tmp_path / "link.pt").symlink_to(target)
+    assert write(capsys, workdir / "r20.pt", "import", tmp_path / "link.pt")[0] == 0
+    assert (tmp_path / "link.pt").is_symlink(), "the link is kept, its target replaced"
+    assert load_model(target).arch == "resnet20"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    if os.geteuid() == 0:
+        assert (target.stat().st_uid, target.stat().st_gid) == (1234, 1234)
+
+
+def test_a_250_byte_file_name_is_written_and_its_temp_file_found(capsys, workdir, tmp_path):
+    output = tmp_path / ("m" * 247 + ".pt")
+    assert write(capsys, workdir / "r20.pt", "import", output)[0] == 0
+    assert load_model(output).arch == "resnet20"
+    fd, temp = tempfile.mkstemp(prefix=fileio._temp_prefix(output.name), suffix=".tmp", dir=tmp_path)
+    os.close(fd)
+    assert len(Path(temp).name.encode()) <= 255 and stale_temps(output) == [Path(temp)]
+
+
+# ---- 2. an output is never an input of the same command ----------------------------------------------------
+
+
+SAME = {
+    "export": (["export", "{m}", "--format", "torchscript", "--out", "{o}"], "m"),
+    "score-model": (["score", "{m}", "--criterion", "l1", "--out", "{o}"], "m"),
+    "score-data": (["score", "{m}", "--data", "{d}", "--out", "{o}"], "d"),
+    "prune-model": (["prune", "{m}", "--criterion", "l1", "--sparsity", "[0.]*12", "--out", "{o}"], "m"),
+    "prune-scores": (["prune", "{m}", "--scores", "{s}", "--sparsity", "[0.]*12", "--out", "{o}"], "s"),
+    "import": (["import", "--arch", "resnet20", "--weights", "{m}", "--out", "{o}"], "m"),
+}
+
+
+@pytest.mark.parametrize("how", ["same-path", "symlink", "hard-link", "other-spelling"])
+@pytest.mark.parametrize("case", list(SAME))
+def test_an_output_that_is_an_input_is_refused(capsys, workdir, tmp_path, monkeypatch, case, how):
+    monkeypatch.chdir(tmp_path)
+    inputs = {"m": tmp_path / "m.pt", "s": tmp_path / "s.json", "d": tmp_path / "data.tar.gz"}
+    shutil.copy(workdir / "r20.pt", inputs["m"])
+    assert run(capsys, "score", inputs["m"], "--criterion", "l1", "--out", inputs["s"])[0] == 0
+    with tarfile.open(inputs["d"], "w:gz") as tar:
+        tar.add(workdir / "data", arcname="data")
+    args, which = SAME[case]
+    victim = inputs[which]
+    output = {
+        "same-path": victim,
+        "symlink": tmp_path / "link",
+        "hard-link": tmp_path / "hard",
+        "other-spelling": Path("sub/..") / victim.name,
+    }[how]
+    (tmp_path / "sub").mkdir()
+    if how == "symlink":
+        output.symlink_to(victim)
+    elif how == "hard-link":
+        os.link(victim, output)
+    before = victim.read_bytes()
+    result = run(capsys, *fill(args, m=inputs["m"], s=inputs["s"], d=inputs["d"], o=output))
+    assert_refused(result, f"--out {output} is ", "an input of this command: writing it would destroy it")
+    assert victim.read_bytes() == before
+
+
+def test_prune_replaces_its_model_file_only_when_asked(capsys, workdir, tmp_path):
+    model = shutil.copy(workdir / "r20.pt", tmp_path / "m.pt")
+    args = ["prune", model, "--criterion", "l1", "--sparsity", "[0.]+[0.5]*11", "--out", model]
+    assert_refused(run(capsys, *args), "an input of this command", "--overwrite-input")
+    assert run(capsys, *args, "--overwrite-input")[0] == 0
+    assert load_model(model).model.widths["layer1.0.conv1"] == 8
+
+
+@pytest.mark.parametrize("name", ["best.pt", "last.pt"])
+def test_a_run_folder_never_replaces_its_model_file(capsys, workdir, tmp_path, name):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    model = shutil.copy(workdir / "r20.pt", run_dir / name)  # a run's file given as the model to fine-tune
+    before = model.read_bytes()
+    result = run(capsys, *fill(MODEL_COMMANDS["finetune"], m=model, d=workdir / "data", o=tmp_path), "--resume")
+    assert_refused(result, f"--out-dir {run_dir} would replace {model}, an input of this command, with its {name}")
+    assert model.read_bytes() == before
+
+
+# ---- 3. run folders: one process at a time, the same run on --resume, no other run's files overwritten -----
+
+
+def finetune(model, data, run_dir, *more):
+    """The arguments of a one-epoch `chip finetune` into run_dir."""
+    args = ["finetune", model, "--data", data, "--out-dir", run_dir, "--epochs", "1", "--batch-size", "8"]
+    return [*args, "--workers", "0", *more]
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from chipprune.runs import run_lock
+with run_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_run_folder_is_locked_while_a_process_uses_it(capsys, workdir, tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        result = run(capsys, *finetune(workdir / "r20.pt", workdir / "data", run_dir))
+        assert_refused(result, f"{run_dir} is in use by another chip process (pid {holder.pid})")
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"], "nothing written"
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert run(capsys, *finetune(workdir / "r20.pt", workdir / "data", run_dir))[0] == 0, "free once it is gone"
+
+
+@pytest.mark.parametrize("change", ["model", "data", "val-data"])
+def test_resume_continues_only_the_same_run(capsys, workdir, tmp_path, change):
+    model = shutil.copy(workdir / "r20.pt", tmp_path / "m.pt")
+    data = shutil.copytree(workdir / "data", tmp_path / "data")
+    val = shutil.copytree(workdir / "data" / "test", tmp_path / "val" / "test")
+    run_dir = tmp_path / "run"
+    assert run(capsys, *finetune(model, data, run_dir, "--val-data", val.parent))[0] == 0
+    config = (run_dir / "config.json").read_bytes()
+    if change == "model":  # another model file at the same path
+        d = torch.load(model, weights_only=True)
+        d["state_dict"]["fc.bias"] += 1
+        torch.save(d, model)
+        wanted = "model file (SHA-256)"
+    elif change == "data":  # other data: one training image fewer
+        (data / "train" / "cat" / "0.png").unlink()
+        wanted = "training images 40 (now 39)"
+    else:
+        shutil.copytree(workdir / "data" / "test", tmp_path / "val2" / "test")
+        val = tmp_path / "val2" / "test"
+        wanted = f"--val-data {(tmp_path / 'val').resolve()} (now {(tmp_path / 'val2').resolve()})"
+    result = run(capsys, *finetune(model, data, run_dir, "--val-data", val.parent, "--resume"))
+    assert_refused(result, f"--resume: the run in {run_dir} was made with", wanted)
+    assert (run_dir / "config.json").read_bytes() == config, "config.json is not rewritten"
+
+
+@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize("leftover", ["best.pt", "metrics.jsonl", "curves.png"])
+def test_a_previous_runs_files_without_last_pt_are_never_overwritten(capsys, workdir, tmp_path, leftover, resume):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / leftover).write_bytes(b"a previous run's")
+    result = run(capsys, *finetune(workdir / "r20.pt", workdir / "data", run_dir, *(["--resume"] * resume)))
+    assert_refused(result, f"{run_dir} holds files of a previous run ({leftover}) but no last.pt to resume")
+    assert (run_dir / leftover).read_bytes() == b"a previous run's" and not (run_dir / "config.json").exists()
+
+
+# ---- 4. class names are compared, not only counted ---------------------------------------------------------
+
+
+def renamed_class(tmp_path, good, old="airplane", new="zeppelin", splits=("train", "test")):
+    """A copy of the image folder with one class folder renamed in `splits`."""
+    data = shutil.copytree(good, tmp_path / "renamed")
+    for split in splits:
+        (data / split / old).rename(data / split / new)
+    return data
+
+
+CLASS_COMMANDS = {
+    "eval": ["eval", "{m}", "--data", "{d}"],
+    "score": ["score", "{m}", "--data", "{d}", "--batches", "1", "--batch-size", "4", "--out", "{o}/s.json"],
+    "finetune": MODEL_COMMANDS["finetune"],
+}
+
+
+@pytest.mark.parametrize("command", list(CLASS_COMMANDS))
+def test_class_names_are_compared_between_model_and_data(capsys, workdir, tmp_path, out, command):
+    data = renamed_class(tmp_path, workdir / "data")
+    args = fill(CLASS_COMMANDS[command], m=workdir / "r20.pt", d=data, o=out)
+    result = run(capsys, *args)
+    assert_refused(
+        result,
+        "the data's classes are not the model's: the data has 'zeppelin', the model 'airplane' instead",
+        "--ignore-class-names",
+    )
+    assert not any(out.iterdir())
+    code, _, err = run(capsys, *args, "--ignore-class-names")
+    assert code == 0, err
+    assert "warning: matching the data's classes to the model's by position" in err
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [
+        (CIFAR10_CLASSES[::-1], "the same classes in another order: 'airplane' where the model has 'truck'"),
+        ([*CIFAR10_CLASSES[:9], "lorry"], "the data has 'truck', the model 'lorry' instead"),
+        ([f"class_{i}" for i in range(10)], None),  # imported ImageNet-style weights: unnamed, any names fit
+    ],
+    ids=["reordered", "renamed", "unnamed"],
+)
+def test_a_models_class_names_must_be_the_datas(capsys, workdir, tmp_path, classes, message):
+    d = torch.load(workdir / "r20.pt", weights_only=True)
+    d["classes"] = list(classes)
+    torch.save(d, tmp_path / "m.pt")
+    result = run(capsys, "eval", tmp_path / "m.pt", "--data", workdir / "data")
+    if message is None:
+        assert result[0] == 0 and "warning" not in result[2]
+    else:
+        assert_refused(result, message)
+
+
+def test_class_names_are_compared_between_the_splits(capsys, workdir, tmp_path, out):
+    val = renamed_class(tmp_path, workdir / "data", splits=("test",))
+    shutil.rmtree(val / "train")
+    args = ["train", "--arch", "resnet20", "--data", workdir / "data", "--val-data", val, "--out-dir", out / "run"]
+    args += ["--epochs", "1", "--batch-size", "8", "--workers", "0"]
+    assert_refused(run(capsys, *args), "the evaluation split's classes differ", "--ignore-class-names")
+    code, _, err = run(capsys, *args, "--ignore-class-names")
+    assert code == 0 and "warning: matching the evaluation split's classes to the train split's by position" in err
+
+
+# ---- 5. preprocessing: a cache never stale, images the size and depth the model expects, or told ------------
+
+
+@pytest.mark.parametrize("change", ["add", "replace", "remove", "add-class"])
+def test_the_decoded_image_cache_keys_on_every_file(tmp_path, cache, change):
+    make_tree(tmp_path / "root", {"train": {"a": 3, "b": 3}}, size=(8, 8))
+    load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
+    images = tmp_path / "root" / "train"
+    pixels = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    if change == "add":  # inside a class folder: the top-level entries do not change
+        Image.fromarray(pixels).save(images / "a" / "09.png")
+    elif change == "replace":  # the same name, other pixels
+        Image.fromarray(pixels).save(images / "b" / "01.png")
+    elif change == "remove":
+        (images / "a" / "00.png").unlink()
+    else:
+        (images / "c").mkdir()
+        Image.fromarray(pixels).save(images / "c" / "00.png")
+    cached = load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
+    fresh = load_split(tmp_path / "root", "train", cache_dir=tmp_path / "other", progress=False)
+    assert cached.classes == fresh.classes and torch.equal(cached.labels, fresh.labels)
+    assert cached.images is not None and fresh.images is not None and torch.equal(cached.images, fresh.images)
+
+
+def test_one_large_image_among_many_small_ones_is_named(capsys, workdir, tmp_path):
+    make_tree(tmp_path / "root", {"test": {c: 20 for c in CIFAR10_CLASSES}}, size=(32, 32))
+    Image.new("RGB", (65, 65)).save(tmp_path / "root" / "test" / "truck" / "19.png")
+    assert_refused(
+        run(capsys, "eval", workdir / "r20.pt", "--data", tmp_path / "root"),
+        "must all be one size",
+        "airplane/00.png is 32x32",
+        "truck/19.png is 65x65 (1 over 64 px: resize or remove them)",
+    )
+
+
+def test_images_of_the_models_size_are_used_as_they_are_also_beside_large_ones(capsys, workdir, tmp_path):
+    data = shutil.copytree(workdir / "data", tmp_path / "data")
+    Image.new("RGB", (65, 65)).save(data / "test" / "truck" / "1.png")  # 1 in 20: read lazily, each image told
+    split = load_split(data, "test", progress=False)
+    assert split.images is None and split.large and "truck/1.png (65x65)" in split.large
+    mf = load_model(workdir / "r20.pt")
+    with pytest.warns(UserWarning, match="images over 64 px .* are resized to the model's 32x32, images of 32x32"):
+        x, _ = next(iter(mf.batches(split, 20)))
+    small = load_split(workdir / "data", "test", progress=False)
+    expected, _ = next(iter(mf.batches(small, 20)))
+    assert torch.equal(x[:19], expected[:19]), "32x32 images pass unresized"
+    code, _, err = run(capsys, "eval", workdir / "r20.pt", "--data", data)
+    assert code == 0 and "warning: images over 64 px" in err
+
+
+@pytest.mark.parametrize(
+    ("size", "told"),
+    [((1, 1), "the images are 1x1 pixels, the model takes 32x32: resizing them (bilinear)"), ((64, 8), "aspect")],
+)
+def test_small_images_of_another_size_are_resized_with_one_warning(capsys, workdir, tmp_path, size, told):
+    make_tree(tmp_path / "root", {"test": {c: 2 for c in CIFAR10_CLASSES}}, size=size)
+    code, _, err = run(capsys, "eval", workdir / "r20.pt", "--data", tmp_path / "root", "--batch-size", "4")
+    assert code == 0 and err.count("warning:") == 1 and told in err
+
+
+def test_16_bit_pixels_are_scaled_and_float_pixels_refused(capsys, workdir, tmp_path, cache):
+    make_tree(tmp_path / "root", {"train": {"a": 2, "b": 1}}, size=(4, 4))
+    grey = np.full((4, 4, 1), 40000, np.uint16)
+    (tmp_path / "root/train/a/00.png").write_bytes(png16(grey))
+    rgb = np.zeros((4, 4, 3), np.uint16)
+    rgb[..., 0], rgb[..., 2] = 65535, 257 * 128
+    (tmp_path / "root/train/a/01.png").write_bytes(png16(rgb))
+    with pytest.warns(UserWarning, match=r"1 image of root/train with 16-bit pixels \(as .*a/00.png\): scaled"):
+        data = load_split(tmp_path / "root", "train", cache_dir=cache, progress=False)
+    assert data.images is not None
+    assert data.images[0].unique().tolist() == [round(40000 / 257)], "not clipped to 255"
+    assert data.images[1, :, 0, 0].tolist() == [255, 0, 128]
+    Image.fromarray(np.random.default_rng(0).random((4, 4), dtype=np.float32)).save(tmp_path / "root/train/b/1.tif")
+    result = run(capsys, "score", workdir / "r20.pt", "--data", tmp_path / "root", "--out", tmp_path / "s.json")
+    assert_refused(result, "b/1.tif: its pixels are 32-bit floats, of no fixed range")
+
+
+# ---- 6. NaN and Inf: numbers are range-checked, a non-finite loss stops training, exports are checked -------
+
+
+TRAIN = ["finetune", "{m}", "--data", "{d}", "--out-dir", "{o}/run", "--epochs", "1", "--batch-size", "8"]
+PRUNE = ["prune", "{m}", "--criterion", "l1", "--out", "{o}/p.pt", "--flops-target"]
+IMPORT_NORMALIZED = ["import", "--arch", "resnet20", "--weights", "{m}", "--out", "{o}/i.pt", "--normalize"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([*TRAIN, "--lr", "nan"], "argument --lr: must be a finite number in (0, ∞), got nan"),
+        ([*TRAIN, "--lr", "inf"], "argument --lr: must be a finite number"),
+        ([*TRAIN, "--lr", "-0.1"], "argument --lr: must be a finite number in (0, ∞), got -0.1"),
+        ([*TRAIN, "--lr", "0"], "argument --lr"),
+        ([*TRAIN, "--weight-decay", "-1"], "argument --weight-decay: must be a finite number in [0, ∞)"),
+        ([*TRAIN, "--momentum", "5"], "argument --momentum: must be a finite number in [0, 1), got 5"),
+        ([*TRAIN, "--momentum", "nan"], "argument --momentum"),
+        ([*TRAIN, "--label-smoothing", "-1"], "argument --label-smoothing: must be a finite number in [0, 1)"),
+        ([*TRAIN, "--label-smoothing", "2"], "argument --label-smoothing"),
+        ([*TRAIN, "--warmup-epochs", "-3"], "argument --warmup-epochs: must be a finite number in [0, ∞)"),
+        ([*TRAIN, "--warmup-epochs", "inf"], "argument --warmup-epochs"),
+        ([*PRUNE, "nan"], "argument --flops-target: must be a finite number in (0, 1], got nan"),
+        ([*PRUNE, "0"], "argument --flops-target"),
+        ([*PRUNE, "1.5"], "argument --flops-target"),
+        ([*IMPORT_NORMALIZED, "nan,nan,nan:1,1,1"], "needs 3 finite means and 3 finite positive stds"),
+        ([*IMPORT_NORMALIZED, "0,0,0:inf,1,1"], "needs 3 finite means and 3 finite positive stds"),
+    ],
+)
+def test_numbers_must_be_finite_and_in_range(capsys, workdir, out, args, message):
+    assert_refused(run(capsys, *fill(args, m=workdir / "r20.pt", d=workdir / "data", o=out)), message)
+    assert not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["state_dict"]["layer2.0.conv1.weight"].view(-1)[0].fill_(float("nan")), "non-finite values"),
+        (lambda d: d["state_dict"]["fc.bias"].fill_(float("-inf")), "(NaN or Inf) in fc.bias"),
+        (lambda d: d.update(mean=[float("nan")] * 3), "damaged model file: invalid 'mean'"),
+        (lambda d: d.update(std=[1.0, float("inf"), 1.0]), "damaged model file: invalid 'std'"),
+    ],
+    ids=["nan-weight", "inf-bias", "nan-mean", "inf-std"],
+)
+def test_a_model_file_with_non_finite_numbers_is_refused(capsys, workdir, tmp_path, change, message):
+    d = torch.load(workdir / "r20.pt", weights_only=True)
+    change(d)
+    torch.save(d, tmp_path / "m.pt")
+    assert_refused(run(capsys, "profile", tmp_path / "m.pt"), message)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
+    capsys, workdir, tmp_path, monkeypatch, value
+):
+    calls = 0
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def spoiled_at_step_7(*args, **kwargs):  # 5 steps an epoch: epoch 2, step 2
+        nonlocal calls
+        calls += 1
+        loss = cross_entropy(*args, **kwargs)
+        return loss * value if calls == 7 else loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spoiled_at_step_7)
+    run_dir = tmp_path / "run"
+    result = run(capsys, *finetune(workdir / "r20.pt", workdir / "data", run_dir, "--epochs", "3"))
+    assert_refused(result, "the training loss is not finite (NaN or Inf) in epoch 2, step 2 of 5: stopped")
+    mf, state = load_checkpoint(run_dir / "last.pt")  # refused if its weights were not finite
+    assert state is not None and [h["epoch"] for h in state["history"]] == [1] and state["step"] == 5
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["exported", "pytorch"])
+def test_the_export_check_fails_on_non_finite_outputs(capsys, workdir, tmp_path, monkeypatch, where):
+    model = workdir / "r20.pt"
+    if where == "exported":
+        monkeypatch.setattr(export_module, "run_exported", lambda path, fmt, x: torch.full((len(x), 10), torch.nan))
+        message = "the exported model's outputs are not finite (NaN or Inf) where PyTorch's are"
+    else:
+        d = torch.load(model, weights_only=True)
+        d["state_dict"]["fc.weight"].fill_(3e38)  # finite weights, infinite logits
+        torch.save(d, tmp_path / "m.pt")
+        model, message = tmp_path / "m.pt", "the model's own outputs are not finite"
+    result = run(capsys, "export", model, "--format", "torchscript", "--out", tmp_path / "m.ts")
+    assert_refused(result, message)
+    assert not (tmp_path / "m.ts").exists()
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400", "1" + "0" * 400])
+def test_a_scores_file_with_non_finite_numbers_is_refused(capsys, workdir, tmp_path, out, number):
+    scores = tmp_path / "s.json"
+    assert run(capsys, "score", workdir / "r20.pt", "--criterion", "l1", "--out", scores)[0] == 0
+    text = scores.read_text()
+    first = text.index("[") + 1  # the first score of the first conv
+    scores.write_text(text[:first] + number + text[text.index(",", first) :])
+    result = run(capsys, "prune", workdir / "r20.pt", "--scores", scores, "--sparsity", "[0.]*12", "--out", out / "p")
+    assert_refused(result, f"{scores}: cannot read scores JSON")
+    assert not any(out.iterdir())
+
+
+# ---- 7. every failure is one line (exit code 2), never a traceback -----------------------------------------
+
+
+def scores_file(tmp_path, layers):
+    """A scores file for the ResNet-20 whose 'layers' entry is `layers` (JSON text)."""
+    path = tmp_path / "bad.json"
+    path.write_text('{"format": "chipprune-scores/1", "arch": "resnet20", "criterion": "l1", "layers": ' + layers + "}")
+    return path
+
+
+def empty_cifar(tmp_path):
+    """A cifar-10-batches-py folder whose test batch holds no images."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in CIFAR10_CLASSES]}))
+    (folder / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((0, 3072), np.uint8), b"labels": np.zeros(0, np.int64)})
+    )
+    return folder
+
+
+def bomb(path):
+    """A 48 kB PNG of 20000 x 20000 pixels (400 megapixels: a decompression bomb)."""
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, "PNG")
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def one_line_case(tmp_path, workdir, case):
+    """The command line of one failure case, and what its one line says."""
+    m, d = str(workdir / "r20.pt"), str(workdir / "data")
+    prune_scores = ["prune", m, "--sparsity", "[0.]*12", "--out", str(tmp_path / "p.pt"), "--scores"]
+    tiny_run = ["--out-dir", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8", "--workers", "0"]
+    if case.startswith("device-"):
+        return ["eval", m, "--data", d, "--device", case.removeprefix("device-")], "argument --device: "
+    if case == "seed-beyond-64-bits":
+        return ["finetune", m, "--data", d, *tiny_run, "--seed", str(2**64)], "argument --seed: must be an integer"
+    if case == "negative-workers":
+        big = tmp_path / "big"
+        make_tree(big, {"test": {"a": 1, "b": 1}}, size=(80, 80))
+        return ["eval", m, "--data", big, "--workers", "-1"], "argument --workers: must be an integer from 0"
+    if case.startswith("opset-"):
+        opset = case.removeprefix("opset-")
+        message = "opset 17, the default, can" if opset == "7" else "exports opsets 7 to"
+        return ["export", m, "--format", "onnx", "--out", tmp_path / "m.onnx", "--opset", opset], message
+    if case == "export-huge-batch":
+        return ["export", m, "--format", "torchscript", "--out", tmp_path / "m.ts", "--batch-size", str(2**31 - 1)], (
+            "out of memory: "
+        )
+    if case == "latency-huge-batch":
+        return ["profile", m, "--latency", "--batch-sizes", str(10**9)], "out of memory: 11.2 TB asked for at once"
+    if case.startswith("scores-"):
+        layers = {
+            "null": '{"conv1": [null]}',
+            "strings": '{"conv1": ["a", "b"]}',
+            "nested": '{"conv1": [[1.0], [2.0]]}',
+            "huge-int": '{"conv1": [1' + "0" * 400 + "]}",
+            "list-for-dict": "[1, 2, 3]",
+            "deep": "[" * 100_000 + "]" * 100_000,
+        }[case.removeprefix("scores-")]
+        return [*prune_scores, scores_file(tmp_path, layers)], "bad.json: "
+    if case == "data-fifo":
+        os.mkfifo(tmp_path / "fifo")
+        return ["eval", m, "--data", tmp_path / "fifo"], "fifo is a FIFO (named pipe): expected a folder, or a .tar"
+    if case == "data-dev-zero":
+        return ["eval", m, "--data", "/dev/zero"], "/dev/zero is a character device: expected a folder"
+    if case == "bomb":
+        data = shutil.copytree(workdir / "data", tmp_path / "data")
+        bomb(data / "test" / "airplane" / "0.png")
+        return ["eval", m, "--data", data], "refusing image"
+    if case == "bomb-in-a-loader-process":  # large images, read lazily in a worker process
+        make_tree(tmp_path / "big", {"test": {c: 1 for c in CIFAR10_CLASSES}}, size=(80, 80))
+        bomb(tmp_path / "big" / "test" / "truck" / "00.png")
+        return ["eval", m, "--data", tmp_path / "big", "--workers", "1"], "refusing image"
+    assert case == "empty-cifar-split"
+    return ["eval", m, "--data", empty_cifar(tmp_path)], "no images in the 'test' split"
+
+
+ONE_LINE_CASES = [
+    "device-bogus",
+    "device-meta",
+    "device-cuda:99",
+    "seed-beyond-64-bits",
+    "negative-workers",
+    "opset-1",
+    "opset-7",
+    "opset-99",
+    "export-huge-batch",
+    "latency-huge-batch",
+    "scores-null",
+    "scores-strings",
+    "scores-nested",
+    "scores-huge-int",
+    "scores-list-for-dict",
+    "scores-deep",
+    "data-fifo",
+    "data-dev-zero",
+    "bomb",
+    "bomb-in-a-loader-process",
+    "empty-cifar-split",
+]
+
+
+@pytest.mark.parametrize("case", ONE_LINE_CASES)
+def test_a_failure_is_one_line_never_a_traceback(capfd, workdir, tmp_path, case):
+    args, message = one_line_case(tmp_path, workdir, case)
+    result = run(capfd, *args)  # capfd: also what C++ code writes to the file descriptors (torch's IR dump)
+    assert_refused(result, message)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_closed_stdout_is_one_line(workdir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chipprune.cli", "profile", str(workdir / "r20.pt"), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # the reader is gone before anything is written (`chip profile … --json | head -0`)
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=120) == 2
+    assert err == "chip profile: error: stdout was closed before all the output was written\n"
+
+
+class AlwaysOutOfMemory(torch.nn.Module):
+    """A forward pass that always runs out of memory, as the CPU allocator says it."""
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes.")
+
+
+@pytest.mark.parametrize("command", ["score", "eval"])
+def test_running_out_of_memory_is_one_line_after_the_retries(capsys, workdir, tmp_path, monkeypatch, command):
+    from chipprune.models.resnet_cifar import ResNetCifar
+
+    monkeypatch.setattr(ResNetCifar, "forward", lambda self, x: AlwaysOutOfMemory()(x))
+    args = fill(DATA_COMMANDS[command], m=workdir / "r20.pt", d=workdir / "data", o=tmp_path)
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == "" and "Traceback" not in err and "During handling" not in err
+    last = err.rstrip("\n").split("\n")[-1]
+    if command == "score":  # 4 images: halved to 2, then 1, then the error
+        assert err.count("warning: out of memory scoring") == 2
+        assert (
+            last
+            == "chip score: error: out of memory scoring a single image on cpu: free memory, or score on another device"
+        )
+    else:
+        assert last == "chip eval: error: out of memory: 1 GB asked for at once: try a smaller --batch-size"
+
+
+# ---- 8. no hangs, no memory blow-ups: regular files only, sizes bounded before anything is read or built ----
+
+
+@pytest.mark.parametrize("scores", ["fifo", "/dev/zero"])
+def test_a_scores_file_that_never_ends_is_refused_at_once(workdir, tmp_path, scores):
+    if scores == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        scores = tmp_path / "fifo"
+    args = ["prune", workdir / "r20.pt", "--scores", scores, "--sparsity", "[0.]*12", "--out", tmp_path / "p.pt"]
+    done = subprocess.run(
+        [sys.executable, "-m", "chipprune.cli", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and "not a scores file" in done.stderr and done.stderr.count("\n") == 1
+
+
+def max_rss_mb(args):
+    """(exit code, stderr, peak resident memory in MB) of `chip ARGS` run in a child process."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chipprune.cli", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, err, usage.ru_maxrss / 1024
+
+
+def test_oversized_archive_members_and_model_widths_are_refused_before_memory_is_spent(workdir, tmp_path):
+    baseline = max_rss_mb(["profile", workdir / "r20.pt"])
+    assert baseline[0] == 0
+    # A tarball of 200 kB whose one image member is 200 MB of zeros: refused by its header's size, unread.
+    with tarfile.open(tmp_path / "data.tar.gz", "w:gz", compresslevel=1) as tar:
+        for name, size in (("data/test/a/0.png", 200 << 20), ("data/test/b/0.png", 10)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, io.BytesIO(bytes(size)))
+    code, err, mb = max_rss_mb(["eval", workdir / "r20.pt", "--data", tmp_path / "data.tar.gz"])
+    assert code == 2 and "data/test/a/0.png in" in err and "209,715,200 bytes, over the 128 MB" in err
+    assert mb < baseline[2] + 100, (mb, baseline[2])
+    # A model file of 1 MB whose one conv claims 3,000,000 channels: refused by the widths, nothing built.
+    d = torch.load(workdir / "r20.pt", weights_only=True)
+    d["widths"]["layer1.0.conv1"] = 3_000_000
+    torch.save(d, tmp_path / "wide.pt")
+    code, err, mb = max_rss_mb(["profile", tmp_path / "wide.pt"])
+    assert code == 2 and "layer1.0.conv1 has 3000000 channels, resnet20 at full width 16" in err
+    assert mb < baseline[2] + 100, (mb, baseline[2])
+
+
+@pytest.mark.parametrize("what", ["model-classes", "import-head"])
+def test_a_head_must_be_backed_by_the_files_weights(capsys, workdir, tmp_path, what):
+    d = torch.load(workdir / "r20.pt", weights_only=True)
+    if what == "model-classes":  # a million classes, and the head of ten
+        d.update(num_classes=10**6, classes=[str(i) for i in range(10**6)])
+        torch.save(d, tmp_path / "m.pt")
+        assert_refused(run(capsys, "profile", tmp_path / "m.pt"), "no head of its 1000000 classes in its weights")
+    else:  # a head of a million rows of one column: 4 MB that would build a head of 256 MB
+        d["state_dict"]["fc.weight"] = torch.zeros(10**6, 1)
+        torch.save(d["state_dict"], tmp_path / "w.pt")
+        result = run(capsys, *fill(IMPORT, m=tmp_path / "w.pt", o=tmp_path))
+        assert_refused(result, "head: shape (1000000, 1) where the model has (1000000, 64)")
+
+
+# ---- 9. smaller defects: --limit samples, --flops-target near 1, an unwritable cache, Ctrl-C in evaluation ---
+
+
+def test_eval_limit_takes_a_seeded_sample_of_every_class_and_says_so(capsys, workdir, monkeypatch):
+    seen = []
+
+    def labels(model, batches, **kwargs):
+        seen.append(torch.cat([y for _, y in batches]).tolist())
+        return {"top1": 0.0, "top5": 0.0, "images": len(seen[-1])}
+
+    monkeypatch.setattr("chipprune.cli.evaluate", labels)
+    args = ["eval", workdir / "r20.pt", "--data", workdir / "data", "--limit", "10"]
+    code, out, _ = run(capsys, *args)
+    assert code == 0 and "(10 images, a random sample of the 20 with seed 0)" in out
+    assert len(set(seen[0])) > 2, "not the first classes' images"
+    assert json.loads(run(capsys, *args, "--json")[1])["sample"] == {"of": 20, "seed": 0}
+    assert seen[1] == seen[0], "the same sample for the same seed"
+    run(capsys, *args, "--seed", "1")
+    assert sorted(seen[2]) != sorted(seen[0]) or seen[2] != seen[0]
+
+
+@pytest.mark.parametrize("target", ["0.99", "1"])
+def test_a_flops_target_within_the_tolerance_of_everything_keeps_every_channel(capsys, workdir, tmp_path, target):
+    args = ["prune", workdir / "r20.pt", "--criterion", "l1", "--flops-target", target, "--out", tmp_path / "p.pt"]
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    assert load_model(tmp_path / "p.pt").model.widths == load_model(workdir / "r20.pt").model.widths
+
+
+def test_a_cache_folder_that_cannot_be_written_is_a_warning(capsys, workdir, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("CHIP_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    code, out, err = run(capsys, "eval", workdir / "r20.pt", "--data", workdir / "data")
+    assert code == 0 and "(20 images)" in out
+    assert "warning: not caching the decoded images (cannot write" in err and "set CHIP_CACHE_DIR" in err
+    assert "cache_dir=" not in err, "a CLI user is told the environment variable, not a Python argument"
+
+
+# The child: `chip finetune` whose evaluation says when it has started and then takes its time, batch by batch.
+SLOW_EVALUATION = """
+import sys, time
+from pathlib import Path
+import chipprune.train as train
+from chipprune.cli import main
+
+ready, evaluate = Path(sys.argv[1]), train.evaluate
+
+def slowly(model, batches, **kwargs):
+    def paced():
+        for batch in batches:
+            ready.write_text("evaluating")
+            yield batch
+            time.sleep(2)
+    return evaluate(model, paced(), **kwargs)
+
+train.evaluate = slowly
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_ctrl_c_during_evaluation_stops_at_once_and_resumes_exactly(capsys, workdir, tmp_path):
+    args = [*finetune(workdir / "r20.pt", workdir / "data", tmp_path / "run"), "--lr", "0.05"]  # the last epoch
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_EVALUATION, str(ready), *map(str, args)], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the evaluation never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]  # 3 batches of 2 s: within one batch, not after them
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "stopped: saved" in err and err.endswith("chip finetune: interrupted\n")
+    state = load_checkpoint(tmp_path / "run" / "last.pt")[1]
+    assert state is not None and state["step"] == 5 and state["history"] == [], "saved at the epoch's end, unevaluated"
+    assert run(capsys, *args, "--resume")[0] == 0
+    straight = [*finetune(workdir / "r20.pt", workdir / "data", tmp_path / "straight"), "--lr", "0.05"]
+    assert run(capsys, *straight)[0] == 0
+    resumed, uninterrupted = (torch.load(tmp_path / r / "last.pt", weights_only=True) for r in ("run", "straight"))
+    assert resumed["training"]["history"][0]["test_top1"] == uninterrupted["training"]["history"][0]["test_top1"]
+    assert all(torch.equal(v, uninterrupted["state_dict"][k]) for k, v in resumed["state_dict"].items())
+
+
+def test_compile_on_cpu_is_refused_with_the_torch_that_crashes(capsys, workdir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    result = run(capsys, *finetune(workdir / "r20.pt", workdir / "data", tmp_path / "run", "--compile"))
+    assert_refused(result, "--compile on CPU crashes torch 2.13.0+cpu (its inductor aborts)")
+
+
+@pytest.mark.skipif(not os.environ.get("CHIP_SLOW_TESTS"), reason="a minute of compilation: set CHIP_SLOW_TESTS=1")
+def test_compile_on_cpu_trains_with_the_pinned_torch(capsys, workdir, tmp_path):
+    result = run(capsys, *finetune(workdir / "r20.pt", workdir / "data", tmp_path / "run", "--compile"))
+    assert result[0] == 0, result[2]
+
+
+# ---- 10. messages say what a thing is and what to do -------------------------------------------------------
+
+
+def model_path_of_kind(tmp_path, workdir, kind):
+    """A path given as the model file, of one kind, and what the refusal says it is."""
+    if kind == "folder":
+        return tmp_path, f"{tmp_path} is a folder, not a model file"
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        return tmp_path / "fifo", "fifo is a FIFO (named pipe), not a model file"
+    if kind == "dev-zero":
+        return "/dev/zero", "/dev/zero is a character device, not a model file"
+    if kind == "onnx":
+        assert run_quietly(["export", workdir / "r20.pt", "--format", "onnx", "--out", tmp_path / "m.onnx"]) == 0
+        return tmp_path / "m.onnx", "m.onnx is an ONNX model, not a model file: give the model file it was exported"
+    if kind == "torchscript":
+        assert run_quietly(["export", workdir / "r20.pt", "--format", "torchscript", "--out", tmp_path / "m.ts"]) == 0
+        return tmp_path / "m.ts", "m.ts is a TorchScript archive, not a model file"
+    assert kind == "scores"
+    assert run_quietly(["score", workdir / "r20.pt", "--criterion", "l1", "--out", tmp_path / "s.json"]) == 0
+    return tmp_path / "s.json", "s.json is JSON or other text, not a model file"
+
+
+def run_quietly(args):
+    """The exit code of `chip ARGS` run in this process, its output discarded."""
+    from chipprune.cli import main
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "dev-zero", "onnx", "torchscript", "scores"])
+def test_a_model_path_that_is_not_a_model_file_says_what_it_is(capsys, workdir, tmp_path, kind):
+    path, message = model_path_of_kind(tmp_path, workdir, kind)
+    assert_refused(run(capsys, "profile", path), message)
+
+
+def test_a_damaged_image_is_named_without_python_internals(capsys, workdir, tmp_path):
+    data = shutil.copytree(workdir / "data", tmp_path / "data")
+    (data / "test" / "dog" / "1.png").write_bytes(b"not an image at all")
+    result = run(capsys, "eval", workdir / "r20.pt", "--data", data)
+    assert_refused(result, "cannot decode image", "dog/1.png: cannot identify its format (damaged, or not an image)")
+    assert "BytesIO" not in result[2] and "0x" not in result[2]
+
+
+def test_one_image_is_one_image(capsys, workdir, tmp_path):
+    args = ["score", workdir / "r20.pt", "--data", workdir / "data", "--batches", "1", "--batch-size", "1"]
+    code, _, err = run(capsys, *args, "--out", tmp_path / "s.json")
+    assert code == 0 and err.endswith("scores of 19 layers from 1 image\n")
+
+
+def test_warnings_go_above_progress_bars_and_bars_have_totals(capsys, workdir, tmp_path, monkeypatch):
+    from chipprune.models.resnet_cifar import ResNetCifar
+
+    forward = ResNetCifar.forward
+
+    def out_of_memory_over_two(self, x):  # a warning while the scoring bar is drawn (scoring: eval mode)
+        if len(x) > 2 and not self.training:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return forward(self, x)
+
+    monkeypatch.setattr(ResNetCifar, "forward", out_of_memory_over_two)
+    args = ["prune", workdir / "r20.pt", "--data", workdir / "data", "--batches", "2", "--batch-size", "4"]
+    code, _, err = run(capsys, *args, "--sparsity", "[0.]*12", "--recalibrate-bn", "2", "--out", tmp_path / "p.pt")
+    assert code == 0, err
+    told = [line for line in err.split("\n") if "warning:" in line]
+    assert told and all(re.search(r"(^|\r +\r)chip prune: warning: ", line) for line in told), told
+    assert "scoring (chip): 100%" in err and "| 2/2 [" in err
+    assert "recalibrating BatchNorm: 100%" in err
+    code, _, err = run(capsys, "eval", workdir / "r20.pt", "--data", workdir / "data", "--batch-size", "2")
+    assert code == 0 and "evaluating: 100%" in err and "| 10/10 [" in err
+
+
+# ---- fuzzing the readers of untrusted files: nothing but their own one-line errors -------------------------
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**30), 10**30)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+R20_WIDTHS = create_model("resnet20").widths
+
+
+@st.composite
+def scores_documents(draw):
+    """JSON documents near a valid scores file: the format, some of the convs, values of every kind."""
+    layers = {conv: [draw(st.floats(-1e3, 1e3))] * c for conv, c in R20_WIDTHS.items()}
+    for conv in draw(st.lists(st.sampled_from(sorted(R20_WIDTHS)), max_size=3)):
+        layers[conv] = draw(st.one_of(JSON, st.lists(JSON, min_size=R20_WIDTHS[conv], max_size=R20_WIDTHS[conv])))
+    d = {"format": "chipprune-scores/1", "arch": "resnet20", "criterion": "chip", "images": 8, "layers": layers}
+    for key in draw(st.lists(st.sampled_from([*d, "seed", "processes"]), max_size=2)):
+        if draw(st.booleans()):
+            d[key] = draw(JSON)
+        else:
+            d.pop(key, None)
+    return d if draw(st.integers(0, 9)) else draw(JSON)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=scores_documents())
+def test_fuzz_the_scores_reader(tmp_path, document):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(document))
+    try:
+        scores, how = read_scores(path, "resnet20", R20_WIDTHS)
+    except ScoresError as e:
+        assert str(e).startswith(f"{path}") and "\n" not in str(e)
+    else:
+        assert {k: len(v) for k, v in scores.items()} == R20_WIDTHS
+        assert all(bool(torch.isfinite(v).all()) and v.dtype == torch.float64 for v in scores.values())
+        assert how["criterion"] in ("chip", "hrank", "l1", "random")
+
+
+def tensors():
+    """Small tensors of any dtype, shape and value."""
+    dtypes = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool])
+    shapes = st.lists(st.integers(0, 4), max_size=4)
+    fill = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-5, 5))
+    return st.builds(lambda dtype, shape, v: torch.full(shape, v).to(dtype), dtypes, shapes, fill)
+
+
+ANYTHING = st.one_of(JSON, tensors(), st.lists(tensors(), max_size=3), st.dictionaries(st.text(max_size=4), tensors()))
+R20 = None
+
+
+@st.composite
+def model_dicts(draw):
+    """A ResNet-20 model file's dict with a few fields, widths or weights replaced by anything, or removed."""
+    global R20
+    if R20 is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = ModelFile("resnet20", create_model("resnet20"), (0.5,) * 3, (0.25,) * 3, list(CIFAR10_CLASSES))
+            model.save(Path(tmp) / "m.pt")
+            R20 = (Path(tmp) / "m.pt").read_bytes()
+    d = torch.load(io.BytesIO(R20), weights_only=True)
+    order = ["width", "weight", "field"]
+    changes = sorted(draw(st.lists(st.sampled_from(order), min_size=1, max_size=3)), key=order.index)
+    for where in changes:  # widths and weights first: a field replaced may be one of them
+        if where == "width":
+            conv = draw(st.sampled_from(sorted(d["widths"]) + ["nonsense"]))
+            d["widths"][conv] = draw(st.one_of(st.integers(-3, 10**7), JSON))
+        elif where == "weight":
+            key = draw(st.sampled_from(sorted(d["state_dict"]) + ["extra.weight"]))
+            d["state_dict"][key] = draw(tensors())
+        else:
+            key = draw(st.sampled_from([*d, "training"]))
+            d[key] = draw(st.one_of(ANYTHING, st.integers(-(10**20), 10**20)))
+    return d
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(d=model_dicts())
+def test_fuzz_the_model_file_reader(tmp_path, d):
+    path = tmp_path / "m.pt"
+    torch.save(d, path)
+    try:
+        mf = load_model(path)
+    except ModelFileError as e:
+        assert str(e).startswith(f"{path}") and "\n" not in str(e), str(e)
+    else:
+        assert all(bool(torch.isfinite(v).all()) for v in mf.model.state_dict().values() if v.is_floating_point())

@@ -382,8 +382,8 @@ def _batch_sizes(text: str) -> list[int]:
         sizes = [int(t) for t in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    if not sizes or min(sizes) < 1 or max(sizes) >= 2**31:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers below 2**31, got {text!r}")
     return sizes
 
 
@@ -702,6 +702,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune a model file into a run folder."""
+    check_run_folder(args.out_dir, [args.model, args.data, args.val_data])
     mf = load_model(args.model)
     if args.teacher is None and ("kd_weight" in args or "kd_temperature" in args):
         raise UsageError("--kd-weight and --kd-temperature apply to --teacher")
@@ -718,6 +719,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train an architecture from scratch into a run folder."""
+    check_run_folder(args.out_dir, [args.data, args.val_data])
     mean, std = parse_normalization(args.normalize)
     with distributed(args.device) as place:
         train, test = load_data(args.data, args.val_data, args.train_subset, args.seed, place, args.ignore_class_names)
@@ -747,7 +749,6 @@ def _fit(
         weight, temperature = getattr(args, "kd_weight", KD_WEIGHT), getattr(args, "kd_temperature", KD_TEMPERATURE)
         cfg = dataclasses.replace(cfg, teacher=teacher.sha256, kd_weight=weight, kd_temperature=temperature)
     run = Path(args.out_dir)
-    check_run_folder(run, [getattr(args, "model", None), args.data, args.val_data])
     history = fit(
         mf,
         train,

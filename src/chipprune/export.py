@@ -63,7 +63,10 @@ def export(
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # Tracing warns on Python-side shape checks (the shortcut's identity test); they are fixed per module.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit: still the TorchScript format users ask for
+        # torch.jit's deprecation notices (DeprecationWarning, FutureWarning since torch 2.14): TorchScript is still
+        # the format users ask for.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)  # the ONNX exporter's shape-inference notes; checked below
         staged = Path(tmp) / "model"
         if fmt == "onnx":
@@ -133,6 +136,7 @@ def run_exported(path: str | os.PathLike, fmt: str, images: Tensor) -> Tensor:
     if fmt == "torchscript":
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(str(path))(images)
     import onnxruntime  # the optional `export` extra
 

@@ -15,7 +15,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -199,7 +199,7 @@ def _check_fields(d: dict[str, Any], source: str) -> None:
         return isinstance(v, list | tuple) and len(v) == 3 and all(finite(x) for x in v)
 
     checks = {
-        "arch": lambda v: v in ARCHS,
+        "arch": lambda v: isinstance(v, str) and v in ARCHS,
         "widths": lambda v: (
             isinstance(v, dict) and all(isinstance(k, str) and type(c) is int and c > 0 for k, c in v.items())
         ),
@@ -217,7 +217,8 @@ def _check_fields(d: dict[str, Any], source: str) -> None:
         if name not in d and name not in ("meta", "training"):
             raise ModelFileError(f"{source}: damaged model file: no {name!r}")
         if name in d and not ok(d[name]):
-            what = f"unknown architecture {d[name]!r}" if name == "arch" else f"invalid {name!r}"
+            what = f"unknown architecture {d[name]!r:.40}" if name == "arch" and isinstance(d[name], str) else None
+            what = what or f"invalid {name!r}"
             raise ModelFileError(f"{source}: damaged model file: {what}")
 
 
@@ -253,13 +254,44 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None
         for k, v in state.items()
         if k in ours and v.dtype != ours[k].dtype and (v.is_complex() or not _same_kind(v.dtype, ours[k].dtype))
     ]
+    problems += _shortcut_problems(model, state)
     if problems:
         shown = "; ".join(problems[:12]) + (f"; … ({len(problems)} in all)" if len(problems) > 12 else "")
         raise ModelFileError(f"{source}: weights do not fit the architecture: {shown}")
     bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
         raise ModelFileError(f"{source}: damaged weights: non-finite values (NaN or Inf) in {bad}")
-    model.load_state_dict(state, strict=False)
+    try:
+        model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:  # what the checks above did not foresee
+        raise ModelFileError(f"{source}: weights do not fit the architecture: {reason(e)}") from None
+
+
+def _shortcut_problems(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
+    """What is wrong with the channel maps of a file's shortcuts: each an index list `src` into the block's input
+    channels, of the length of `dst`, an index list without repeats into the shortcut's output channels."""
+    problems = []
+    for name, module in model.named_modules():
+        if not isinstance(module, ChannelShortcut) or (f"{name}.src" not in state and f"{name}.dst" not in state):
+            continue
+        src, dst = state.get(f"{name}.src"), state.get(f"{name}.dst")
+        block = model.get_submodule(name.rpartition(".")[0])
+        inputs = cast(nn.Conv2d, block.get_submodule("conv1")).in_channels if hasattr(block, "conv1") else 0
+        ok = (
+            src is not None
+            and dst is not None
+            and src.dim() == dst.dim() == 1
+            and len(src) == len(dst)
+            and not src.is_floating_point()
+            and not dst.is_floating_point()
+            and torch.bool not in (src.dtype, dst.dtype)
+            and (len(src) == 0 or (0 <= int(src.min()) <= int(src.max()) < inputs))
+            and (len(dst) == 0 or (0 <= int(dst.min()) <= int(dst.max()) < module.out_channels))
+            and len(dst.unique()) == len(dst)
+        )
+        if not ok:
+            problems.append(f"{name}: src and dst are not a channel map from {inputs} to {module.out_channels}")
+    return problems
 
 
 def _head_inputs(arch: str, widths: dict[str, int] | None = None) -> int:

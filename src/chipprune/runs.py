@@ -84,6 +84,7 @@ def run_lock(run: Path, writer: bool = True) -> Iterator[None]:
     if not writer:
         yield
         return
+    created = not os.path.lexists(run)
     try:
         run.mkdir(parents=True, exist_ok=True)
         fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -102,6 +103,9 @@ def run_lock(run: Path, writer: bool = True) -> Iterator[None]:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
+        if created and os.listdir(run) == [LOCK]:  # a run that wrote nothing leaves no folder behind
+            (run / LOCK).unlink()
+            run.rmdir()
         os.close(fd)
 
 

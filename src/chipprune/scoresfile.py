@@ -43,6 +43,8 @@ def read_scores(path: str | os.PathLike, arch: str, widths: dict[str, int]) -> t
         raise ScoresError(f"{path}: cannot read scores JSON ({reason(e)})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ScoresError(f"{path}: not a scores file written by `chip score`")
+    if not isinstance(d.get("arch", arch), str):
+        raise ScoresError(f"{path}: damaged scores file: invalid 'arch'")
     if d.get("arch", arch) != arch:
         raise ScoresError(f"{path}: scores of a {_short(d['arch'])} model, not of this {arch}")
     how = {k: d[k] for k in HOW if k in d}

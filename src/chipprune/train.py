@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, NoReturn, cast
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +247,7 @@ def fit(
     if resuming:
         mf, state = _resume(last, cfg)
         check_identity(state.get("identity"), ident, last)
+        state["identity"] = ident  # (a checkpoint of an older version has none)
     elif last.exists():
         raise TrainError(f"{run} already holds a run: --resume to continue it, or choose another --out-dir")
     else:
@@ -313,7 +314,7 @@ def fit(
         }
         ModelFile(mf.arch, model, mf.mean, mf.std, mf.classes, meta).save(path, training)
 
-    def stop(partial: Tally, epoch: int) -> None:
+    def stop(partial: Tally, epoch: int) -> NoReturn:
         """Save last.pt with the epoch's sums so far, say where, and stop (every process: KeyboardInterrupt)."""
         state["partial"] = partial
         if place.writer:

@@ -220,6 +220,8 @@ def _read_tree_archive(
         raise DataError(
             f"images over {SMALL} px are read lazily, from a folder or an uncompressed .tar: extract {path}"
         ) from None
+    for m in members:  # read later, in loader processes: refused now if it could not be read then
+        _check_size(m, MAX_IMAGE_BYTES, path)
     spans = torch.tensor([[m.offset_data, m.size] for m in members], dtype=torch.int64)
     return ImageSplit(classes, labels, paths=[m.name for m in members], archive=str(path), spans=spans, large=images)
 
@@ -260,13 +262,18 @@ def _file_bytes(path: Path, limit: int, what: str) -> bytes:
     return read_file(path, limit=limit, what=what, error=DataError)
 
 
-def _member_bytes(tar: tarfile.TarFile, member: TarInfo, limit: int, archive: Path) -> bytes:
-    """The contents of a file in an archive, refused unread if its header says it is over `limit` bytes."""
+def _check_size(member: TarInfo, limit: int, archive: Path) -> None:
+    """Refuse an archive member that its header says is over `limit` bytes."""
     if member.size > limit:
         raise DataError(
             f"archive member {member.name} in {archive} is {member.size:,} bytes, over the {limit >> 20} MB a "
             "member may have here"
         )
+
+
+def _member_bytes(tar: tarfile.TarFile, member: TarInfo, limit: int, archive: Path) -> bytes:
+    """The contents of a file in an archive, refused unread if its header says it is over `limit` bytes."""
+    _check_size(member, limit, archive)
     f = tar.extractfile(member)
     if f is None:
         raise DataError(f"archive member {member.name} is not a regular file")
