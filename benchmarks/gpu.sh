@@ -40,8 +40,8 @@ mkdir -p "$out"
 if ((dry)); then
     device=cpu
     ci=(--toy)
-    train=(--steps 1 --batch-size 16 --configs dense,paper-1 --teacher-configs paper-1 --device cpu)
-    latency=(--repeats 2 --configs dense,paper-1)
+    train=(--steps 1 --batch-size 16 --configs dense --teacher-configs dense --device cpu)
+    latency=(--repeats 1 --configs dense)
     finetune=(--epochs 1 --train-subset 64 --batch-size 32 --workers 0)
 else
     device=cuda

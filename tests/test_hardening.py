@@ -61,11 +61,14 @@ WARNING = re.compile(r"chip [a-z]+: warning: ")
 
 
 def error_line(err):
-    """The one line of an error on stderr, after which nothing else; progress bars and warnings (one line each)
-    alone may come before it."""
+    """The one line of an error on stderr, after which nothing else; progress bars, warnings and the training
+    loop's precision line (one line each) alone may come before it."""
     assert err.endswith("\n") and "Traceback" not in err, err
     *before, line = err[:-1].split("\n")  # not splitlines: a bar's updates are separated by carriage returns
-    assert all(PROGRESS.search(b) or WARNING.match(b.split("\r")[-1]) for b in before) and "\r" not in line, err
+    for b in before:
+        last = b.split("\r")[-1]
+        assert PROGRESS.search(b) or WARNING.match(last) or last.startswith("precision: "), err
+    assert "\r" not in line, err
     return line
 
 

@@ -696,7 +696,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         f"{args.model} on {args.split}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
         f"({result['images']} images"
         + (f", a random sample of the {len(split)} with seed {args.seed}" if sample else "")
-        + f"; {precision.describe()})",
+        + f"), {precision.describe()}",
     )
 
 

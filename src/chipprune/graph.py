@@ -63,11 +63,19 @@ class _Analysis:
     fixed: int  # those of the layers outside the graph
 
 
-def prune_model(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any], *,
-                pruning_ratio: float | dict[str, float] | None = None, flops_target: float | None = None,
-                criterion: str | Criterion = "chip", scope: str = "local",
-                ignored_layers: Iterable[nn.Module | str] = (), round_to: int | None = None,
-                importance: dict[str, Tensor] | None = None) -> nn.Module:
+def prune_model(
+    model: nn.Module,
+    example_inputs: Tensor,
+    calibration: Iterable[Any],
+    *,
+    pruning_ratio: float | dict[str, float] | None = None,
+    flops_target: float | None = None,
+    criterion: str | Criterion = "chip",
+    scope: str = "local",
+    ignored_layers: Iterable[nn.Module | str] = (),
+    round_to: int | None = None,
+    importance: dict[str, Tensor] | None = None,
+) -> nn.Module:
     """A physically pruned copy of `model` (which is left as it is), its channels ranked by `criterion`.
 
     calibration: batches of inputs, or (inputs, targets) pairs. Give exactly one of pruning_ratio (the fraction of
@@ -89,24 +97,38 @@ def prune_model(model: nn.Module, example_inputs: Tensor, calibration: Iterable[
 
     if flops_target is None:
         assert pruning_ratio is not None
-        ratios = ([_ratio_of(g, analysis, pruning_ratio) for g in analysis.groups]
-                  if isinstance(pruning_ratio, dict) else pruning_ratio)
+        ratios = (
+            [_ratio_of(g, analysis, pruning_ratio) for g in analysis.groups]
+            if isinstance(pruning_ratio, dict)
+            else pruning_ratio
+        )
         return _checked(model, example_inputs, analysis, cut(ratios))
     return _checked(model, example_inputs, analysis, _search(analysis, cut, flops_target, scope == "global"))
 
 
-def group_importance(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any], *,
-                     criterion: str | Criterion = "chip", ignored_layers: Iterable[nn.Module | str] = ()
-                     ) -> dict[str, Tensor]:
+def group_importance(
+    model: nn.Module,
+    example_inputs: Tensor,
+    calibration: Iterable[Any],
+    *,
+    criterion: str | Criterion = "chip",
+    ignored_layers: Iterable[nn.Module | str] = (),
+) -> dict[str, Tensor]:
     """The importance of the channels of every prunable group, keyed by the name of the group's root layer: one
     value per channel class of the group, the root's channels first (for most groups, one per root channel)."""
     names = {m: n for n, m in model.named_modules()}
     return _analyse(model, example_inputs, calibration, criterion, ignored_layers, names).importance
 
 
-def _analyse(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any], criterion: str | Criterion,
-             ignored_layers: Iterable[nn.Module | str], names: dict[nn.Module, str],
-             importance: dict[str, Tensor] | None = None) -> _Analysis:
+def _analyse(
+    model: nn.Module,
+    example_inputs: Tensor,
+    calibration: Iterable[Any],
+    criterion: str | Criterion,
+    ignored_layers: Iterable[nn.Module | str],
+    names: dict[nn.Module, str],
+    importance: dict[str, Tensor] | None = None,
+) -> _Analysis:
     """Groups and their importances (measured unless given); the given ignored layers and the output layers keep
     their outputs."""
     judge = get_criterion(criterion) if isinstance(criterion, str) else criterion
@@ -130,8 +152,7 @@ def _analyse(model: nn.Module, example_inputs: Tensor, calibration: Iterable[Any
         model.train(training)
 
 
-def _structure(model: nn.Module, example_inputs: Tensor, ignored: set[str], names: dict[nn.Module, str]
-               ) -> _Analysis:
+def _structure(model: nn.Module, example_inputs: Tensor, ignored: set[str], names: dict[nn.Module, str]) -> _Analysis:
     """The model's graph, trace, groups and costs (no importance yet); `ignored` and the output layers keep their
     outputs."""
     graph, record, shuffles = _graph(model, example_inputs)
@@ -140,8 +161,7 @@ def _structure(model: nn.Module, example_inputs: Tensor, ignored: set[str], name
     macs = record.macs
     layers = costs(graph, macs)
     fixed = sum(macs.values()) - sum(macs[c.out.node.module] for c in layers)
-    return _Analysis(graph, record, shuffles, names, couple(graph, names, kept), {}, layers, sum(macs.values()),
-                     fixed)
+    return _Analysis(graph, record, shuffles, names, couple(graph, names, kept), {}, layers, sum(macs.values()), fixed)
 
 
 class Channel(NamedTuple):
@@ -162,8 +182,17 @@ def channel_classes(model: nn.Module, example_inputs: Tensor) -> dict[str, list[
     finally:
         model.train(training)
     graph = analysis.graph
-    return {g.root: [[Channel(names[s.node.module], "out" if graph.is_out_channel_pruning_fn(s.fn) else "in", i)
-                      for s, i in cls if s.node.module in names] for cls in g.classes] for g in analysis.groups}
+    return {
+        g.root: [
+            [
+                Channel(names[s.node.module], "out" if graph.is_out_channel_pruning_fn(s.fn) else "in", i)
+                for s, i in cls
+                if s.node.module in names
+            ]
+            for cls in g.classes
+        ]
+        for g in analysis.groups
+    }
 
 
 def _probe(model: nn.Module, example_inputs: Tensor, analysis: _Analysis) -> None:
@@ -219,8 +248,9 @@ def _describe(error: Exception, model: nn.Module) -> str:
     return f"removing channels breaks {where}: {type(error).__name__}: {first}"
 
 
-def _check(pruning_ratio: float | dict[str, float] | None, flops_target: float | None, scope: str,
-           round_to: int | None) -> None:
+def _check(
+    pruning_ratio: float | dict[str, float] | None, flops_target: float | None, scope: str, round_to: int | None
+) -> None:
     """ValueError for a request that makes no sense."""
     if (pruning_ratio is None) == (flops_target is None):
         raise ValueError("give exactly one of pruning_ratio and flops_target")
@@ -235,8 +265,9 @@ def _check(pruning_ratio: float | dict[str, float] | None, flops_target: float |
         raise ValueError(f"round_to must be a positive integer, got {round_to}")
 
 
-def _graph(model: nn.Module, example_inputs: Tensor) -> tuple[tp.DependencyGraph, tracing.Record,
-                                                               list[tracing.Shuffle]]:
+def _graph(
+    model: nn.Module, example_inputs: Tensor
+) -> tuple[tp.DependencyGraph, tracing.Record, list[tracing.Shuffle]]:
     """The dependency graph of `model` (left in eval mode), its trace, and its channel shuffles, with indices mapped
     from the trace through concatenations, splits and reshapes of the channels."""
     record = tracing.Record()
@@ -283,17 +314,23 @@ def _members(graph: tp.DependencyGraph, group: Group, inputs: bool) -> list[Memb
     return [(m, idxs, positions) for m, (idxs, positions) in found.items()]
 
 
-def _importances(model: nn.Module, analysis: _Analysis, judge: Criterion, calibration: Iterable[Any]
-                 ) -> dict[str, Tensor]:
+def _importances(
+    model: nn.Module, analysis: _Analysis, judge: Criterion, calibration: Iterable[Any]
+) -> dict[str, Tensor]:
     """The importance of every group's channel classes, keyed by the name of the group's root layer."""
     graph, names, groups = analysis.graph, analysis.names, analysis.groups
     producers = [_members(graph, group, inputs=False) for group in groups]
     if not isinstance(judge, ActivationCriterion):
-        return {g.root: _combine([(_filter_scores(judge, m), i, r) for m, i, r in made], len(g.classes))
-                for g, made in zip(groups, producers, strict=True)}
+        return {
+            g.root: _combine([(_filter_scores(judge, m), i, r) for m, i, r in made], len(g.classes))
+            for g, made in zip(groups, producers, strict=True)
+        }
     consumers = [_members(graph, group, inputs=True) for group in groups]
-    taps = {names[m]: Tap(names[m], "input", graph.get_in_channels(m), -1 if isinstance(m, nn.Linear) else 1)
-            for members in consumers for m, _, _ in members}
+    taps = {
+        names[m]: Tap(names[m], "input", graph.get_in_channels(m), -1 if isinstance(m, nn.Linear) else 1)
+        for members in consumers
+        for m, _, _ in members
+    }
     inputs = (batch[0] if isinstance(batch, tuple | list) else batch for batch in calibration)
     device = next(model.parameters()).device
     scores, _, same = score_maps(model, taps, judge, inputs, device=device)
@@ -303,19 +340,25 @@ def _importances(model: nn.Module, analysis: _Analysis, judge: Criterion, calibr
         spatial = [(m, i, r) for m, i, r in read if analysis.record.input_dims.get(names[m], 4) > 2]
         if spatial or read:
             flat += [] if spatial else [group.root]
-            importance[group.root] = _combine([(scores[names[m]], i, r) for m, i, r in spatial or read],
-                                              len(group.classes))
+            importance[group.root] = _combine(
+                [(scores[names[m]], i, r) for m, i, r in spatial or read], len(group.classes)
+            )
         else:
             unseen.append(group.root)
-            importance[group.root] = _combine([(_filter_scores(L1(), m), i, r) for m, i, r in made],
-                                              len(group.classes))
+            importance[group.root] = _combine([(_filter_scores(L1(), m), i, r) for m, i, r in made], len(group.classes))
     if flat:
-        warnings.warn(f"{judge.name}: no spatial feature map reads the channels of the groups rooted at "
-                      f"{', '.join(flat)}; scored on the 2-D input of the linear layers reading them (one position "
-                      "per image: a magnitude ranking)", stacklevel=4)
+        warnings.warn(
+            f"{judge.name}: no spatial feature map reads the channels of the groups rooted at "
+            f"{', '.join(flat)}; scored on the 2-D input of the linear layers reading them (one position "
+            "per image: a magnitude ranking)",
+            stacklevel=4,
+        )
     if unseen:
-        warnings.warn(f"{judge.name}: no layer's input was observed holding the channels of the groups rooted at "
-                      f"{', '.join(unseen)}; scored by the L1 norm of their filters", stacklevel=4)
+        warnings.warn(
+            f"{judge.name}: no layer's input was observed holding the channels of the groups rooted at "
+            f"{', '.join(unseen)}; scored by the L1 norm of their filters",
+            stacklevel=4,
+        )
     return importance
 
 
@@ -349,8 +392,12 @@ def _ranking(importance: Tensor, group: Group) -> tuple[list[int], list[float]]:
 def _ratio_of(group: Group, analysis: _Analysis, ratios: dict[str, float]) -> float:
     """The ratio a dict gives the group: that of a module (or one holding it) whose outputs the group holds."""
     graph = analysis.graph
-    held = {analysis.names[s.node.module] for cls in group.classes for s, _ in cls
-            if s.node.module in analysis.names and graph.is_out_channel_pruning_fn(s.fn)}
+    held = {
+        analysis.names[s.node.module]
+        for cls in group.classes
+        for s, _ in cls
+        if s.node.module in analysis.names and graph.is_out_channel_pruning_fn(s.fn)
+    }
     for key, ratio in ratios.items():
         if any(n == key or n.startswith(key + ".") for n in held):
             return ratio
@@ -365,8 +412,13 @@ def _kept(units: int, kept: int, round_to: int | None) -> int:
     return min(kept, units)
 
 
-def _choose(groups: list[Group], order: list[tuple[list[int], list[float]]], ratio: float | list[float],
-            global_scope: bool, round_to: int | None) -> list[list[int]]:
+def _choose(
+    groups: list[Group],
+    order: list[tuple[list[int], list[float]]],
+    ratio: float | list[float],
+    global_scope: bool,
+    round_to: int | None,
+) -> list[list[int]]:
     """The units each group loses: per group, the fraction `ratio` of its units (a list: one ratio per group), or
     with global scope the fraction `ratio` of all groups' units, the least important across groups."""
     sizes = [len(g.units) for g in groups]
@@ -378,10 +430,10 @@ def _choose(groups: list[Group], order: list[tuple[list[int], list[float]]], rat
         total = sum(sizes)
         pooled = sorted((score, g, k) for g, (_, scores) in enumerate(order) for k, score in enumerate(scores))
         lost = [0] * len(groups)
-        for _, g, _ in pooled[:total - int(total * (1 - ratio))]:
+        for _, g, _ in pooled[: total - int(total * (1 - ratio))]:
             lost[g] += 1
         keep = [_kept(n, n - lost_g, round_to) for n, lost_g in zip(sizes, lost, strict=True)]
-    return [units[:n - k] for (units, _), n, k in zip(order, sizes, keep, strict=True)]
+    return [units[: n - k] for (units, _), n, k in zip(order, sizes, keep, strict=True)]
 
 
 def _macs(analysis: _Analysis, cut: dict[Space, list[int]]) -> int:
@@ -389,12 +441,13 @@ def _macs(analysis: _Analysis, cut: dict[Space, list[int]]) -> int:
     return analysis.fixed + macs_after(analysis.costs, cut)
 
 
-def _search(analysis: _Analysis, cut: Callable[[float | list[float]], dict[Space, list[int]]], target: float,
-            global_scope: bool) -> dict[Space, list[int]]:
+def _search(
+    analysis: _Analysis, cut: Callable[[float | list[float]], dict[Space, list[int]]], target: float, global_scope: bool
+) -> dict[Space, list[int]]:
     """The channels to remove so that target × the model's FLOPs stay, within 2 %: bisecting on the ratio, then
     (local scope) moving groups one by one from the ratio just above the target to the one just below. Where the
     groups' steps allow no closer point, the closest point at or below the target, with a warning."""
-    if target == 1:
+    if 1 - target <= FLOPS_TOLERANCE * target:  # keeping everything is within the tolerance
         return {}
 
     def kept(c: dict[Space, list[int]]) -> float:
@@ -420,8 +473,11 @@ def _search(analysis: _Analysis, cut: Callable[[float | list[float]], dict[Space
         best = cut([hi] * right + [lo] * (n - right))
     if kept(best) > target * (1 + FLOPS_TOLERANCE):
         raise ValueError(f"flops_target {target:.4f}: the prunable groups keep at least {kept(best):.4f} of the FLOPs")
-    warnings.warn(f"flops_target {target:.4f}: the channel groups allow no point within 2 %; keeping "
-                  f"{kept(best):.4f} of the FLOPs, the closest below", stacklevel=3)
+    warnings.warn(
+        f"flops_target {target:.4f}: the channel groups allow no point within 2 %; keeping "
+        f"{kept(best):.4f} of the FLOPs, the closest below",
+        stacklevel=3,
+    )
     return best
 
 
@@ -434,8 +490,7 @@ def _pruned(model: nn.Module, analysis: _Analysis, cut: dict[Space, list[int]]) 
     return pruned.train(model.training)
 
 
-def _checked(model: nn.Module, example_inputs: Tensor, analysis: _Analysis, cut: dict[Space, list[int]]
-             ) -> nn.Module:
+def _checked(model: nn.Module, example_inputs: Tensor, analysis: _Analysis, cut: dict[Space, list[int]]) -> nn.Module:
     """The pruned model, once it has run the example (else ValueError saying where it broke)."""
     pruned = _pruned(model, analysis, cut)
     message = _failure(pruned, example_inputs)
