@@ -31,6 +31,7 @@ from chipprune.models import create_model
 from chipprune.train import PRESETS, Config, distillation_loss, lr_at
 from images import make_workdir
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chipprune.cli"]
 LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"}  # gloo between the test's processes on this machine only
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -372,13 +373,7 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(work, tmp_path)
     # One process sees each half of a batch as a micro-batch (--accum 2), as BatchNorm does in each of two processes.
     assert main(finetune_args(work, tmp_path / "one", "--epochs", "2", "--train-subset", "128", "--accum", "2")) == 0
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "chipprune.cli",
+        *TORCHRUN,
         *finetune_args(work, tmp_path / "two", "--epochs", "2", "--train-subset", "128"),
     ]
     done = subprocess.run(cmd, env={**os.environ, **LOOPBACK}, capture_output=True, text=True, timeout=300)
@@ -402,13 +397,7 @@ def test_chip_score_under_torchrun_equals_one_process(work, tmp_path):
     score = ["score", str(work / "r20.pt"), "--data", str(work / "data"), "--batches", "3", "--batch-size", "10"]
     assert main([*score, "--out", str(tmp_path / "one.json")]) == 0
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "chipprune.cli",
+        *TORCHRUN,
         *score,
         "--out",
         str(tmp_path / "two.json"),
