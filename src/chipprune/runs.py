@@ -23,7 +23,7 @@ from torch import Tensor
 from .data import ImageSplit
 from .data.batching import Batches
 from .distributed import LOCAL, Place
-from .fileio import OutputError, check_output, kind, same_file
+from .fileio import OutputError, check_output, kind, same_file, sha256
 
 LOCK = ".lock"  # in the run folder: holds the pid of the process that runs it, locked (flock) while it does
 PREVIOUS = ("best.pt", "metrics.jsonl", "curves.png")  # files of a previous run, beside its last.pt or not
@@ -130,7 +130,7 @@ def identity(about: dict[str, Any] | None, arch: str, mean: Any, std: Any, train
     model = about.get("model")
     classes = hashlib.sha256("\n".join(train.classes).encode()).hexdigest()[:16]
     return {
-        "model_sha256": _sha256(model) if model else None,
+        "model_sha256": sha256(model) if model else None,
         "arch": arch,
         "normalization": [list(map(float, mean)), list(map(float, std))],
         "data": _resolved(about.get("data")),
@@ -162,14 +162,6 @@ def check_identity(stored: dict[str, Any] | None, now: dict[str, Any], last: Pat
             f"--resume: the run in {last.parent} was made with {', '.join(diff)}: resume it with the model file "
             "and data it was started with, or start a new run in another --out-dir"
         )
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _resolved(source: str | None) -> str | None:
