@@ -2,8 +2,8 @@
 bf16 natively (CUDA GPUs; CPUs with AMX or AVX512-bf16), float32 elsewhere.
 
 On this project's 2-core Xeon (AVX512-bf16), bf16 autocast + channels_last trains the dense ResNet-56 at 448
-images/s against 204 in float32 (batch 256; benchmarks/train_speed.py, docs/performance.md). Scoring never uses it: channel independence is computed in float64
-from float32 feature maps."""
+images/s against 204 in float32 (batch 256; benchmarks/train_speed.py, docs/performance.md). Scoring never uses
+it: channel independence is computed in float64 from float32 feature maps."""
 
 from __future__ import annotations
 

@@ -83,7 +83,8 @@ def aligned(widths: dict[str, int], full: dict[str, int], n: int) -> dict[str, i
     """Each width rounded to the nearest multiple of n (halves up), never below n nor above the layer's full width.
 
     Hardware runs some channel counts much faster than their neighbours: on an AVX512-bf16 CPU the paper-1 ResNet-56
-    (widths 9, 13, 19, 27, 38) trains in bf16 at 343 images/s, rounded to multiples of 16 at 497 (docs/performance.md)."""
+    (widths 9, 13, 19, 27, 38) trains in bf16 at 343 images/s, rounded to multiples of 16 at 497
+    (docs/performance.md)."""
     if n < 1:
         raise SparsityError(f"round_to must be a positive integer, got {n}")
     return {name: min(full[name], max(n, n * math.floor(c / n + 0.5))) for name, c in widths.items()}
