@@ -11,66 +11,13 @@ import torch
 from torch import nn
 
 from chipprune.graph import channel_classes, group_importance, prune_model
+from chipprune.models.external import TIMM_FAMILIES, TORCHVISION_FAMILIES
 from chipprune.profile import count_macs
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
-TORCHVISION = [
-    "alexnet",
-    "convnext_tiny",
-    "densenet121",
-    "efficientnet_b0",
-    "efficientnet_v2_s",
-    "googlenet",
-    "inception_v3",
-    "mnasnet0_5",
-    "mobilenet_v2",
-    "mobilenet_v3_small",
-    "regnet_x_400mf",
-    "regnet_y_400mf",
-    "resnet18",
-    "resnext50_32x4d",
-    "shufflenet_v2_x0_5",
-    "squeezenet1_1",
-    "vgg11_bn",
-]
-TIMM = [
-    "resnet18",
-    "resnet18d",
-    "resnext26ts",
-    "seresnext26d_32x4d",
-    "res2net50_14w_8s",
-    "resnest14d",
-    "regnetx_002",
-    "regnety_002",
-    "regnetz_b16",
-    "efficientnet_b0",
-    "efficientnetv2_rw_t",
-    "mobilenetv3_small_050",
-    "mobilenetv4_conv_small",
-    "mnasnet_small",
-    "ghostnet_050",
-    "rexnet_100",
-    "mixnet_s",
-    "convnext_atto",
-    "densenet121",
-    "dla46_c",
-    "dpn48b",
-    "hrnet_w18_small",
-    "cspresnet50",
-    "cs3darknet_s",
-    "darknet17",
-    "ese_vovnet19b_slim",
-    "repvgg_a0",
-    "mobileone_s0",
-    "xception41",
-    "inception_v3",
-    "nf_regnet_b0",
-    "skresnet18",
-    "selecsls42b",
-]
-MODELS = [f"tv:{n}" for n in TORCHVISION] + [f"timm:{n}" for n in TIMM]
+MODELS = [f"tv:{n}" for n in TORCHVISION_FAMILIES.values()] + [f"timm:{n}" for n in TIMM_FAMILIES.values()]
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:

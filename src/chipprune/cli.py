@@ -536,14 +536,19 @@ def _scores(args: argparse.Namespace, mf: ModelFile) -> tuple[dict[str, Tensor],
     with distributed(args.device) as place:
         batches_ = _calibration(args, mf) if isinstance(criterion, ActivationCriterion) else iter(())
         scores, images = score_layers(
-            mf.model, mf.model.channel_layers(), criterion, batches_, device=place.device, progress=place.writer
+            mf.model,
+            mf.registry_model.channel_layers(),
+            criterion,
+            batches_,
+            device=place.device,
+            progress=place.writer,
         )
     how = {"criterion": criterion.name, "images": images, "seed": args.seed, "processes": place.world}
     return scores, how, place.writer
 
 
 def _read_scores(path: str, mf: ModelFile) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    return read_scores(path, mf.arch, mf.model.widths)
+    return read_scores(path, mf.arch, mf.registry_model.widths)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -584,7 +589,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         if not writer:
             return
         try:
-            pruned = prune(mf.model, scores, widths, args.residual)
+            pruned = prune(mf.registry_model, scores, widths, args.residual)
         except ValueError as e:
             raise UsageError(str(e)) from None
         budget = {

@@ -72,6 +72,34 @@ class _UnionFind:
         if ra != rb:
             self.parent[rb] = ra
 
+    def roots(self, keys: Iterable[int]) -> dict[int, int]:
+        """The representative of each key: find's loop inlined, for the million channels of the largest models."""
+        parent, found = self.parent, {}
+        for x in keys:
+            root = x
+            while (up := parent.get(root, root)) != root:
+                root = up
+            found[x] = root
+            while x != root:
+                parent[x], x = root, parent[x]
+        return found
+
+    def join(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """Join the sets of each pair: union's loop with find inlined (regnet_y_128gf joins 2.6 million pairs, and
+        the calls took 11 of its 83 s)."""
+        parent = self.parent
+        for a, b in pairs:
+            roots = []
+            for x in (a, b):
+                root = x
+                while (up := parent.get(root, root)) != root:
+                    root = up
+                while x != root:
+                    parent[x], x = root, parent[x]
+                roots.append(root)
+            if roots[0] != roots[1]:
+                parent[roots[1]] = roots[0]
+
 
 SHIFT = 24  # bits of a channel index in a channel's number
 
@@ -127,15 +155,17 @@ def _classes(graph: tp.DependencyGraph) -> _Classes:
         for dep in space.node.dependencies:
             if dep.trigger != space.fn:
                 continue
-            mapped = [_HybridIndex(idx=i, root_idx=i) for i in idxs]
-            for mapping in dep.index_mapping:
-                if mapping is not None:
-                    mapped = mapping(mapped)
             target = Space(dep.target, dep.handler)
-            reach(target, (h.idx for h in mapped))
+            mappings = [m for m in dep.index_mapping if m is not None]
+            pairs = list(zip(idxs, idxs, strict=True))  # most dependencies map channel i to channel i
+            if mappings:
+                mapped = [_HybridIndex(idx=i, root_idx=i) for i in idxs]
+                for mapping in mappings:
+                    mapped = mapping(mapped)
+                pairs = [(h.root_idx, h.idx) for h in mapped]
+            reach(target, (i for _, i in pairs))
             into = found.ids[target] << SHIFT
-            for h in mapped:
-                found.union.union(source | h.root_idx, into | h.idx)
+            found.union.join((source | a, into | b) for a, b in pairs)
     return found
 
 
@@ -170,12 +200,13 @@ def couple(
         for element in tie[1:]:
             coarse.union(key(tie[0]), key(element))
     spoiled = {key(e) for e in _spoiled(graph, known, found.limit)}
+    rep = fine.roots(found.ids[space] << SHIFT | i for space, idxs in known.items() for i in idxs)
     members = defaultdict[int, list[Element]](list)
     for space, idxs in known.items():
         base = found.ids[space] << SHIFT
         for i in sorted(idxs):
             if base | i not in spoiled:
-                members[fine.find(base | i)].append((space, i))
+                members[rep[base | i]].append((space, i))
     spoiled = {coarse.find(e) for e in spoiled}
 
     together = _UnionFind()  # coarse classes joined through the outputs of each conv or linear layer
@@ -197,7 +228,7 @@ def couple(
         if s.node.module in ignored and graph.is_out_channel_pruning_fn(s.fn)
         for i in known[s]
     }
-    return [_group(names, spaces, found, coarse, members, spoiled) for rep, spaces in roots.items() if rep not in kept]
+    return [_group(names, spaces, found, rep, coarse, members, spoiled) for r, spaces in roots.items() if r not in kept]
 
 
 def _spoiled(graph: tp.DependencyGraph, known: dict[Space, set[int]], limit: int) -> Iterator[Element]:
@@ -215,22 +246,24 @@ def _group(
     names: dict[nn.Module, str],
     spaces: list[Space],
     found: _Classes,
+    rep: dict[int, int],
     coarse: _UnionFind,
     members: dict[int, list[Element]],
     spoiled: set[int],
 ) -> Group:
-    """One group from its root layers' output spaces (the first is its root)."""
+    """One group from its root layers' output spaces (the first is its root); `rep`: each channel's class."""
     order: dict[int, int] = {}
     for space in spaces:
+        base = found.ids[space] << SHIFT
         for i in sorted(found.known[space]):
-            order.setdefault(found.union.find(found.key((space, i))), len(order))
+            order.setdefault(rep[base | i], len(order))
     units = defaultdict[int, list[int]](list)
-    for rep, position in order.items():
-        units[coarse.find(rep)].append(position)
+    for cls, position in order.items():
+        units[coarse.find(cls)].append(position)
     return Group(
         names[spaces[0].node.module],
-        [members[rep] for rep in order],
-        [u for rep, u in units.items() if rep not in spoiled],
+        [members[cls] for cls in order],
+        [u for unit, u in units.items() if unit not in spoiled],
     )
 
 

@@ -202,7 +202,12 @@ def _probe(model: nn.Module, example_inputs: Tensor, analysis: _Analysis) -> Non
 
     def failure(chosen: list[int]) -> str | None:
         units = [[len(g.units) - 1] if i in chosen and len(g.units) > 1 else [] for i, g in enumerate(analysis.groups)]
-        return _failure(_pruned(model, analysis, removal(analysis.groups, units)), example_inputs)
+        cut = removal(analysis.groups, units)
+        # Shapes first, on a copy without data: copying regnet_y_128gf's 2.6 GB took 7 of its 83 s, and the halving
+        # below copies once per step. Only a failure there is run for real (meta tensors check no index's range).
+        if _failure(_pruned(model, analysis, cut, on_meta=True), example_inputs.to("meta")) is None:
+            return None
+        return _failure(_pruned(model, analysis, cut), example_inputs)
 
     every = list(range(len(analysis.groups)))
     message = failure(every)
@@ -481,9 +486,15 @@ def _search(
     return best
 
 
-def _pruned(model: nn.Module, analysis: _Analysis, cut: dict[Space, list[int]]) -> nn.Module:
-    """A copy of `model` without the channels `cut`, its calls that hold channel counts replaced."""
-    pruned = copy.deepcopy(model)
+def _pruned(model: nn.Module, analysis: _Analysis, cut: dict[Space, list[int]], on_meta: bool = False) -> nn.Module:
+    """A copy of `model` without the channels `cut`, its calls that hold channel counts replaced; `on_meta`: its
+    floating-point parameters and buffers on the meta device (shapes, no data; index maps stay as they are)."""
+    memo: dict[int, Any] = {}
+    if on_meta:
+        for t in (t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()):
+            empty = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    pruned = copy.deepcopy(model, memo)
     with traceable(pruned):
         remove(pruned, analysis.graph, analysis.names, cut)
     tracing.install(pruned, tracing.replacements(analysis.graph, analysis.record, analysis.shuffles, cut))

@@ -2,12 +2,17 @@
 
 A model file is a plain dict of strings, numbers, lists and tensors, so `torch.load(path, weights_only=True)`
 reads it and no checkpoint can run code:
-    format, arch, widths (conv name -> output channels), num_classes, mean, std, classes, meta, state_dict
-and, in a training run's checkpoint, `training`: optimizer state, step, RNG states and history (see train.py).
+    format, arch, num_classes, mean, std, classes, meta, state_dict
+and, for a registry architecture, widths (conv name -> output channels); for a library model (`timm:NAME`,
+`torchvision:NAME`), model_kwargs, input_size, versions (of the library), and structure: the attributes and calls
+pruning changed (chipprune.structure). A training run's checkpoint adds `training`: optimizer state, step, RNG
+states and history (see train.py). Written as `.safetensors`, the same content: the tensors, and the rest as JSON
+under the header's metadata key "chipprune".
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -17,15 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from . import structure
 from .data import ImageSplit, batches
-from .fileio import kind, load_reason, reason, save_torch
-from .models import ARCHS, RegistryModel, create_model, get_arch
+from .fileio import atomic_write, kind, load_reason, reason, save_torch
+from .models import ARCHS, RegistryModel, create_model, external, get_arch
 from .models.resnet_cifar import ChannelShortcut
 
 FORMAT = "chipprune-model/1"
+SAFETENSORS_KEY = "chipprune"  # the header metadata entry that holds everything but the tensors, as JSON
 NORMALIZATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # as in the HRank/CHIP code
@@ -39,19 +48,33 @@ class ModelFileError(ValueError):
 
 @dataclass
 class ModelFile:
-    """A registry model with what it needs to be used: normalization, class names, history."""
+    """A registry or library model with what it needs to be used: normalization, class names, history."""
 
-    arch: str
-    model: RegistryModel
+    arch: str  # a registry name, or timm:NAME / torchvision:NAME
+    model: nn.Module  # a RegistryModel for a registry architecture
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # a library model's constructor arguments
+    size: int | None = None  # a library model's input side (a registry architecture has its own)
 
     @property
     def input_size(self) -> int:
         """The side of the square images the model takes."""
-        return get_arch(self.arch).input_size
+        return self.size if self.size is not None else get_arch(self.arch).input_size
+
+    @property
+    def registry_model(self) -> RegistryModel:
+        """The model of a registry architecture; ModelFileError for a library model."""
+        if not isinstance(self.model, RegistryModel):
+            raise ModelFileError(f"{self.arch} is not a registry architecture ({', '.join(ARCHS)})")
+        return self.model
+
+    @property
+    def source(self) -> external.Source | None:
+        """Where a library model comes from (None for a registry architecture)."""
+        return external.parse(self.arch, self.model_kwargs) if external.is_external(self.arch) else None
 
     def batches(self, data: ImageSplit, batch_size: int, **options: Any) -> Iterator[tuple[Tensor, Tensor]]:
         """`data.batches` prepared for this model: its normalization and input size (options as there)."""
@@ -85,17 +108,37 @@ class ModelFile:
         payload: dict[str, Any] = {
             "format": FORMAT,
             "arch": self.arch,
-            "widths": dict(self.model.widths),
             "num_classes": len(self.classes),
             "mean": list(self.mean),
             "std": list(self.std),
             "classes": list(self.classes),
             "meta": self.meta,
+            **self._structure(),
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
         }
         if training is not None:
             payload["training"] = training
-        save_torch(payload, path)
+        if Path(path).suffix == ".safetensors":
+            if training is not None:
+                raise ModelFileError(f"{path}: a checkpoint with training state is written as .pt, not .safetensors")
+            tensors = payload.pop("state_dict")
+            atomic_write(path, safetensors.torch.save(tensors, {SAFETENSORS_KEY: json.dumps(payload)}))
+        else:
+            save_torch(payload, path)
+
+    def _structure(self) -> dict[str, Any]:
+        """What builds the model before its tensors are loaded: a registry model's widths, or a library model's
+        source and the structure pruning changed (ValueError naming a module attribute that is not plain data)."""
+        source = self.source
+        if source is None:
+            return {"widths": dict(cast(RegistryModel, self.model).widths)}
+        recorded = structure.record(self.model, external.build(source))
+        return {
+            "model_kwargs": source.kwargs,
+            "input_size": self.input_size,
+            "versions": {source.library: external.version(source.library)},
+            "structure": recorded._asdict(),
+        }
 
 
 def safe_load(path: str | os.PathLike, what: str = "model file") -> Any:
@@ -106,6 +149,8 @@ def safe_load(path: str | os.PathLike, what: str = "model file") -> Any:
         raise ModelFileError(f"{path}: no such file" if there == "nothing" else f"{path} is {there}, not a {what}")
     if path.stat().st_size == 0:
         raise ModelFileError(f"{path}: empty file (0 bytes)")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, what)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's note on the pickle protocol, before it refuses
@@ -118,6 +163,23 @@ def safe_load(path: str | os.PathLike, what: str = "model file") -> Any:
             f"{path}: cannot be read safely as a weights file: corrupt or truncated, or holding "
             f"objects other than tensors and plain containers ({load_reason(e, path)})"
         ) from None
+
+
+def _read_safetensors(path: Path, what: str) -> Any:
+    """A safetensors file: its tensors as the state_dict of what its "chipprune" metadata holds (a plain state dict
+    where it holds none)."""
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (a safe_open handle, not a dict)
+            header = (f.metadata() or {}).get(SAFETENSORS_KEY)
+        rest = json.loads(header) if header is not None else None
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ModelFileError(f"{path}: cannot be read as a safetensors {what} ({reason(e)})") from None
+    if rest is None:
+        return tensors
+    if not isinstance(rest, dict):
+        raise ModelFileError(f"{path}: damaged model file: its metadata is not a JSON object")
+    return {**rest, "state_dict": tensors}
 
 
 def _foreign(path: Path, what: str) -> str | None:
@@ -167,6 +229,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelFile, dict[str, Any] 
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a chipprune model file (convert third-party weights with `chip import`)")
     _check_fields(d, str(path))
+    if external.is_external(d["arch"]):
+        return _library_model(d, str(path)), d.get("training")
+    if "widths" not in d:
+        raise ModelFileError(f"{path}: damaged model file: no 'widths'")
     _check_widths(d["arch"], d["widths"], str(path))
     try:
         head = (d["num_classes"], _head_inputs(d["arch"], d["widths"]))
@@ -199,7 +265,7 @@ def _check_fields(d: dict[str, Any], source: str) -> None:
         return isinstance(v, list | tuple) and len(v) == 3 and all(finite(x) for x in v)
 
     checks = {
-        "arch": lambda v: isinstance(v, str) and v in ARCHS,
+        "arch": lambda v: isinstance(v, str) and (v in ARCHS or external.is_external(v)),
         "widths": lambda v: (
             isinstance(v, dict) and all(isinstance(k, str) and type(c) is int and c > 0 for k, c in v.items())
         ),
@@ -214,12 +280,43 @@ def _check_fields(d: dict[str, Any], source: str) -> None:
         "training": lambda v: v is None or isinstance(v, dict),
     }
     for name, ok in checks.items():
-        if name not in d and name not in ("meta", "training"):
+        if name not in d and name not in ("meta", "training", "widths"):
             raise ModelFileError(f"{source}: damaged model file: no {name!r}")
         if name in d and not ok(d[name]):
             what = f"unknown architecture {d[name]!r:.40}" if name == "arch" and isinstance(d[name], str) else None
             what = what or f"invalid {name!r}"
             raise ModelFileError(f"{source}: damaged model file: {what}")
+
+
+def _library_model(d: dict[str, Any], source: str) -> ModelFile:
+    """A library model from a model file's dict (fields checked by _check_fields): built from its source, its
+    recorded structure restored, its tensors assigned with their shapes."""
+    kwargs, size, recorded = d.get("model_kwargs"), d.get("input_size"), d.get("structure")
+    if not isinstance(kwargs, dict) or type(size) is not int or size <= 0 or not isinstance(recorded, dict):
+        raise ModelFileError(f"{source}: damaged model file: no valid model_kwargs, input_size and structure")
+    try:
+        library_source = external.parse(d["arch"], kwargs)
+    except (ValueError, ImportError) as e:
+        raise ModelFileError(f"{source}: {e}") from None
+    made_with = (d.get("versions") or {}).get(library_source.library)
+    if made_with != external.version(library_source.library):
+        warnings.warn(
+            f"{source} was written with {library_source.library} {made_with}, this is "
+            f"{external.version(library_source.library)}: its recorded calls may not match the library's code",
+            stacklevel=3,
+        )
+    bad = next((k for k, v in d["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ModelFileError(f"{source}: damaged weights: non-finite values (NaN or Inf) in {bad}")
+    model = external.build(library_source)
+    try:
+        structure.restore(model, structure.Structure(recorded["attributes"], recorded["calls"]))
+        structure.assign(model, d["state_dict"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelFileError(f"{source}: its structure does not fit {d['arch']}: {reason(e)}") from None
+    return ModelFile(
+        d["arch"], model, tuple(d["mean"]), tuple(d["std"]), list(d["classes"]), d.get("meta", {}), kwargs, size
+    )
 
 
 def _check_widths(arch: str, widths: dict[str, int], source: str) -> None:

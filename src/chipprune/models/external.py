@@ -1,0 +1,164 @@
+"""torchvision and timm CNNs: building them by name (`torchvision:resnet50`, `timm:efficientnet_b0`), their input
+size and normalization from the library's own config, and the families chipprune is tested on.
+
+The core never imports torchvision or timm: each is imported here, when a model of it is asked for, with an error
+that says how to install it. tests/test_coverage.py prunes the smallest member of each family at a small input on
+every CI run; experiments/coverage.py prunes every torchvision builder and these timm models at 224×224."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+LIBRARIES = ("torchvision", "timm")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model of a library, by name, with the constructor arguments it is built with."""
+
+    library: str  # one of LIBRARIES
+    name: str
+    kwargs: dict[str, Any]
+
+    @property
+    def arch(self) -> str:
+        """The name as --arch takes it."""
+        return f"{self.library}:{self.name}"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What the library says a model takes: square input side, normalization, classes."""
+
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+
+
+def is_external(arch: str) -> bool:
+    """Whether `arch` names a library model (`library:name`) rather than a registry one."""
+    return arch.partition(":")[0] in LIBRARIES and ":" in arch
+
+
+def parse(arch: str, kwargs: dict[str, Any] | None = None) -> Source:
+    """The source `library:name`, or a ValueError saying what is wrong with it."""
+    library, _, name = arch.partition(":")
+    if library not in LIBRARIES or not name:
+        raise ValueError(f"{arch!r}: a library model is torchvision:NAME or timm:NAME")
+    source = Source(library, name, dict(kwargs or {}))
+    if name not in names(library):
+        raise ValueError(f"{arch!r}: {library} {version(library)} has no model {name!r}")
+    return source
+
+
+def library(name: str) -> ModuleType:
+    """The library module, or an ImportError saying how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ImportError(f"{name} is not installed: pip install 'chipprune[vision]'") from None
+
+
+def version(name: str) -> str:
+    """The installed version of a library."""
+    return str(library(name).__version__)
+
+
+def names(name: str) -> list[str]:
+    """Every classification model a library builds."""
+    lib = library(name)
+    if name == "timm":
+        return list(lib.list_models())
+    return list(lib.models.list_models(module=lib.models))
+
+
+def build(source: Source, pretrained: bool = False) -> nn.Module:
+    """The model, with random weights or (pretrained) the library's own, which it downloads."""
+    lib = library(source.library)
+    try:
+        if source.library == "timm":
+            return lib.create_model(source.name, pretrained=pretrained, **source.kwargs)
+        return lib.models.get_model(source.name, weights="DEFAULT" if pretrained else None, **source.kwargs)
+    except (TypeError, ValueError, AssertionError, KeyError) as e:  # constructor arguments it does not take
+        raise ValueError(f"{source.arch} with {source.kwargs}: {type(e).__name__}: {e}") from None
+
+
+def defaults(source: Source, model: nn.Module) -> Defaults:
+    """Input size and normalization from the library's config (timm: the model's pretrained_cfg; torchvision: its
+    default weights' transforms, ImageNet's where it has none); the classes from the model's head."""
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    classes = heads[-1].out_features if isinstance(heads[-1], nn.Linear) else heads[-1].out_channels
+    if source.library == "timm":
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        size = cfg.get("input_size", (3, 224, 224))[-1]
+        return Defaults(size, tuple(cfg.get("mean", IMAGENET[0])), tuple(cfg.get("std", IMAGENET[1])), classes)
+    try:
+        transforms = library("torchvision").models.get_model_weights(source.name).DEFAULT.transforms()
+    except (ValueError, AttributeError):  # a builder without published weights
+        return Defaults(224, *IMAGENET, classes)
+    return Defaults(int(transforms.crop_size[0]), tuple(transforms.mean), tuple(transforms.std), classes)
+
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+TORCHVISION_FAMILIES: dict[str, str] = {
+    "alexnet": "alexnet",
+    "convnext": "convnext_tiny",
+    "densenet": "densenet121",
+    "efficientnet": "efficientnet_b0",
+    "efficientnet_v2": "efficientnet_v2_s",
+    "googlenet": "googlenet",
+    "inception": "inception_v3",
+    "mnasnet": "mnasnet0_5",
+    "mobilenet_v2": "mobilenet_v2",
+    "mobilenet_v3": "mobilenet_v3_small",
+    "regnet_x": "regnet_x_400mf",
+    "regnet_y": "regnet_y_400mf",
+    "resnet": "resnet18",
+    "resnext": "resnext50_32x4d",
+    "shufflenet_v2": "shufflenet_v2_x0_5",
+    "squeezenet": "squeezenet1_1",
+    "vgg": "vgg11_bn",
+}
+
+TIMM_FAMILIES: dict[str, str] = {
+    "resnet": "resnet18",
+    "resnet-d": "resnet18d",
+    "resnext": "resnext26ts",
+    "seresnext": "seresnext26d_32x4d",
+    "res2net": "res2net50_14w_8s",
+    "resnest": "resnest14d",
+    "regnetx": "regnetx_002",
+    "regnety": "regnety_002",
+    "regnetz": "regnetz_b16",
+    "efficientnet": "efficientnet_b0",
+    "efficientnetv2": "efficientnetv2_rw_t",
+    "mobilenetv3": "mobilenetv3_small_050",
+    "mobilenetv4": "mobilenetv4_conv_small",
+    "mnasnet": "mnasnet_small",
+    "ghostnet": "ghostnet_050",
+    "rexnet": "rexnet_100",
+    "mixnet": "mixnet_s",
+    "convnext": "convnext_atto",
+    "densenet": "densenet121",
+    "dla": "dla46_c",
+    "dpn": "dpn48b",
+    "hrnet": "hrnet_w18_small",
+    "cspnet": "cspresnet50",
+    "cspdarknet": "cs3darknet_s",
+    "darknet": "darknet17",
+    "vovnet": "ese_vovnet19b_slim",
+    "repvgg": "repvgg_a0",
+    "mobileone": "mobileone_s0",
+    "xception": "xception41",
+    "inception": "inception_v3",
+    "nf_regnet": "nf_regnet_b0",
+    "skresnet": "skresnet18",
+    "selecsls": "selecsls42b",
+}
