@@ -11,25 +11,28 @@ import torch
 from torch import nn
 
 from chipprune.graph import channel_classes, group_importance, prune_model
+from chipprune.modelfile import ModelFile, load_model, unnamed_classes
+from chipprune.models import external
 from chipprune.models.external import TIMM_FAMILIES, TORCHVISION_FAMILIES
 from chipprune.profile import count_macs
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
-MODELS = [f"tv:{n}" for n in TORCHVISION_FAMILIES.values()] + [f"timm:{n}" for n in TIMM_FAMILIES.values()]
+MODELS = [f"torchvision:{n}" for n in TORCHVISION_FAMILIES.values()] + [f"timm:{n}" for n in TIMM_FAMILIES.values()]
+
+
+def kwargs(name: str) -> dict:
+    """Ten classes; torchvision's inception nets without their auxiliary head."""
+    inception = name in ("torchvision:googlenet", "torchvision:inception_v3")
+    return {"num_classes": 10, **({"aux_logits": False, "init_weights": True} if inception else {})}
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:
     """The model with random weights (seeded), and two random images at its small size (inception: 96, else 64)."""
-    source, arch = name.split(":")
     torch.manual_seed(0)
-    if source == "tv":
-        extra = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
-        model = torchvision.models.get_model(arch, weights=None, num_classes=10, **extra)
-    else:
-        model = timm.create_model(arch, pretrained=False, num_classes=10)
-    size = 96 if "inception" in arch else 64
+    model = external.build(external.parse(name, kwargs(name)))
+    size = 96 if "inception" in name else 64
     return model.eval(), torch.randn(2, 3, size, size)
 
 
@@ -90,7 +93,7 @@ def dead(model: nn.Module, classes: dict) -> str:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_half_the_flops_shapes_modes_dead_channel_and_masking(name, one_thread):
+def test_half_the_flops_shapes_modes_dead_channel_masking_and_model_file(name, one_thread, tmp_path):
     model, x = build(name)
     root = dead(model, channel_classes(model, x[:1]))
     with warnings.catch_warnings(record=True) as caught:
@@ -109,6 +112,9 @@ def test_half_the_flops_shapes_modes_dead_channel_and_masking(name, one_thread):
             double = x.double()  # float32 sums in another order differ by more than the tolerance in deep nets
             expected = masked(model, pruned).double()(double)
             torch.testing.assert_close(copy.deepcopy(pruned).double()(double), expected, rtol=1e-6, atol=1e-9)
+        mf = ModelFile(name, pruned, (0.5,) * 3, (0.25,) * 3, unnamed_classes(10), {}, kwargs(name), x.shape[-1])
+        mf.save(tmp_path / "m.pt")
+        assert torch.equal(load_model(tmp_path / "m.pt").model.eval()(x), pruned(x))  # bit-identical
     pruned.train()
     pruned(x).sum().backward()
 

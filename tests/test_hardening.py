@@ -513,7 +513,8 @@ def test_a_huge_repeat_count_is_a_one_line_error(capsys):
 def test_an_unknown_architecture_lists_the_known_ones(capsys, args):
     code, out, err = run(capsys, *args)
     assert code == 2 and out == "" and "Traceback" not in err
-    assert "invalid choice: 'resnet99'" in err and "resnet20" in err and "vgg16_bn" in err
+    assert "unknown architecture 'resnet99'" in err and "resnet20" in err and "vgg16_bn" in err
+    assert "torchvision:NAME or timm:NAME" in err and err.count("\n") == 1
 
 
 # ---- the command line's contract ---------------------------------------------------------------------------

@@ -21,8 +21,10 @@ from . import __version__, sparsity
 from .calibrate import CalibrationError, recalibrate_bn, score_layers
 from .commandline import (
     OneLineParser,
+    arch,
     device,
     memory_reason,
+    model_kwargs,
     non_negative,
     number,
     opset,
@@ -36,9 +38,9 @@ from .distributed import Place, distributed, launched
 from .evaluate import evaluate
 from .export import FORMATS, ExportError, export
 from .fileio import OutputError, check_output, sha256
-from .graph import prune_model
-from .modelfile import ModelFile, ModelFileError, import_weights, load_model, parse_normalization
-from .models import ARCHS, RegistryModel, create_model, get_arch
+from .graph import group_importance, prune_model
+from .modelfile import ModelFile, ModelFileError, import_weights, library_model, load_model, parse_normalization
+from .models import RegistryModel, create_model, external, get_arch
 from .precision import AMP_CHOICES, choose
 from .profile import count_flops, count_params, measure_latency
 from .runs import RunError, check_run_folder
@@ -112,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         "profile", help="parameters and FLOPs of a model file or of an architecture at a sparsity", formatter_class=fmt
     )
     p.add_argument("model", nargs="?", help="a chipprune model file (instead of --arch)")
-    p.add_argument("--arch", choices=list(ARCHS), help="a registry architecture")
+    p.add_argument("--arch", type=arch, help="a registry architecture, or torchvision:NAME or timm:NAME")
+    _add_source_options(p)
     p.add_argument("--sparsity", help="rates ('[0.]+[0.15]*2+[0.4]*27', '0,0.1,…') or a preset ('paper-1')")
     p.add_argument("--round-to", type=_positive, metavar="N", help="with --sparsity: widths at multiples of N")
     p.add_argument("--latency", action="store_true", help="also measure eval-mode latency on --device")
@@ -140,14 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("import", help="convert third-party weights into a chipprune model file", formatter_class=fmt)
-    p.add_argument("--arch", required=True, choices=list(ARCHS), help="the architecture the weights are for")
-    p.add_argument("--weights", required=True, help="a state_dict, or a dict holding one under 'state_dict'")
-    p.add_argument("--out", required=True, help="the model file to write")
+    p.add_argument(
+        "--arch", required=True, type=arch, help="the architecture: a registry name, torchvision:NAME or timm:NAME"
+    )
+    p.add_argument(
+        "--weights",
+        help="a state_dict (.pt/.pth, or .safetensors), or a dict holding one under 'state_dict'; a library model "
+        "without it has random weights",
+    )
+    p.add_argument("--pretrained", action="store_true", help="a library model: its library's weights (downloads)")
+    p.add_argument("--out", required=True, help="the model file to write (.pt, or .safetensors)")
     p.add_argument(
         "--normalize",
-        default="imagenet",
-        help="input normalization the weights were trained with: imagenet, cifar, or m1,m2,m3:s1,s2,s3",
+        help="input normalization the weights were trained with: imagenet, cifar, or m1,m2,m3:s1,s2,s3 (default: "
+        "the library's for a library model, else imagenet)",
     )
+    _add_source_options(p)
     p.set_defaults(run=cmd_import)
 
     p = sub.add_parser("score", help="score every prunable channel on calibration images", formatter_class=fmt)
@@ -159,7 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="remove the lowest-scored channels: a smaller dense model", formatter_class=fmt)
     p.add_argument("model", help="a chipprune model file")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--sparsity", help="rates or a preset, as the paper's lists")
+    budget.add_argument("--sparsity", help="rates or a preset, as the paper's lists (registry architectures)")
+    budget.add_argument(
+        "--ratio",
+        type=number(0, 1, below=True),
+        metavar="R",
+        help="remove this fraction of the channels of every group (dependency-graph pruning)",
+    )
     budget.add_argument(
         "--flops-target",
         type=number(0, 1, above=True),
@@ -181,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and at most the layer's; see docs/performance.md for what it buys)",
     )
     p.add_argument("--out", required=True, help="the pruned model file to write")
-    p.add_argument("--scores", help="scores JSON from `chip score` (skips calibration; with --sparsity)")
+    p.add_argument(
+        "--scores",
+        help="scores JSON from `chip score`, instead of calibration: a registry model's with --sparsity, a library "
+        "model's with --flops-target or --ratio",
+    )
     p.add_argument(
         "--overwrite-input", action="store_true", help="allow --out to be the input model file, which it replaces"
     )
@@ -220,18 +241,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a (pruned) model file; also under torchrun", formatter_class=fmt)
     p.add_argument("model", help="a chipprune model file (with --resume, the run's last.pt holds the weights)")
-    _add_training_options(p, "paper-cifar, or paper-imagenet for 224-px architectures")
+    _add_training_options(p, "the architecture's: paper-cifar, paper-imagenet for 224-px ones")
     _add_teacher_options(p)
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser(
         "train", help="train an architecture from scratch (a baseline), as finetune does", formatter_class=fmt
     )
-    p.add_argument("--arch", required=True, choices=list(ARCHS), help="the architecture, at full width")
-    p.add_argument("--normalize", default="imagenet", help="input normalization: imagenet, cifar, or m1,m2,m3:s1,s2,s3")
+    p.add_argument(
+        "--arch", required=True, type=arch, help="the architecture, at full width: a registry name or library model"
+    )
+    p.add_argument(
+        "--normalize",
+        help="input normalization: imagenet, cifar, or m1,m2,m3:s1,s2,s3 (default: the library's, else imagenet)",
+    )
+    _add_source_options(p)
     _add_training_options(p, "baseline-cifar")
     p.set_defaults(run=cmd_train)
     return parser
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model-kwargs",
+        type=model_kwargs,
+        default={},
+        metavar="JSON",
+        help="a library model's constructor arguments, as '{\"num_classes\": 10}'",
+    )
+    p.add_argument(
+        "--input-size", type=_positive, metavar="N", help="a library model's input side (default: its library's)"
+    )
 
 
 def _add_scoring_options(p: argparse.ArgumentParser, data_required: bool) -> None:
@@ -453,15 +493,20 @@ def cmd_profile(args: argparse.Namespace) -> None:
     if args.model:
         if args.sparsity:
             raise UsageError("--sparsity applies to --arch; a model file already has its widths")
+        _no_source_options(args, "a model file has them")
         mf = load_model(args.model)
-        arch, model = mf.arch, mf.model
-        num_classes = len(mf.classes)
+        arch, model, base, size = mf.arch, mf.model, mf.unpruned(), mf.input_size
+    elif external.is_external(args.arch):
+        if args.sparsity:
+            raise UsageError(_SPARSITY_LIBRARY)
+        mf = library_model(args.arch, args.model_kwargs, input_size=args.input_size)
+        arch, model, base, size = mf.arch, mf.model, mf.model, mf.input_size
     else:
-        arch = args.arch
-        num_classes = get_arch(arch).num_classes
+        _no_source_options(args, "they are for library models")
+        arch, size = args.arch, get_arch(args.arch).input_size
         widths = sparsity.widths(arch, args.sparsity, args.round_to) if args.sparsity else None
-        model = create_model(arch, widths)
-    result = {"arch": arch, **_sizes(model, create_model(arch, None, num_classes), get_arch(arch).input_size)}
+        model, base = create_model(arch, widths), create_model(arch)
+    result = {"arch": arch, **_sizes(model, base, size)}
     if args.sparsity:
         result["sparsity"] = sparsity.format_rates(sparsity.resolve(arch, args.sparsity))
     text = f"{arch}\n{_sizes_text(result)}"
@@ -474,7 +519,6 @@ def cmd_profile(args: argparse.Namespace) -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         model.to(args.device)
-        size = get_arch(arch).input_size
         result["latency_ms"] = {b: measure_latency(model, size, b, repeats=args.repeats) for b in args.batch_sizes}
         result["threads"] = torch.get_num_threads()
         text += "".join(
@@ -502,11 +546,44 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_import(args: argparse.Namespace) -> None:
     """Convert weights and save a model file."""
     check_output(args.out, [args.weights])
-    mf = import_weights(args.arch, args.weights, args.normalize)
-    mf.save(args.out)
+    if external.is_external(args.arch):
+        mf = library_model(
+            args.arch,
+            args.model_kwargs,
+            weights=args.weights,
+            pretrained=args.pretrained,
+            input_size=args.input_size,
+            normalize=args.normalize,
+        )
+        if args.weights is None and not args.pretrained:
+            warnings.warn("no --weights: random weights (for structure and latency studies)", stacklevel=1)
+    else:
+        if args.weights is None:
+            raise UsageError(f"--weights is needed for {args.arch}, a registry architecture")
+        if args.pretrained:
+            raise UsageError("--pretrained applies to library models (torchvision:NAME, timm:NAME)")
+        _no_source_options(args, "they are for library models")
+        mf = import_weights(args.arch, args.weights, args.normalize or "imagenet")
+    try:
+        mf.save(args.out)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     print(
         f"wrote {args.out}: {args.arch}, {len(mf.classes)} classes, {count_params(mf.model):,} params", file=sys.stderr
     )
+
+
+_SPARSITY_LIBRARY = (
+    "--sparsity holds the paper's per-layer rates of the registry architectures; prune a library model with "
+    "--flops-target or --ratio"
+)
+
+
+def _no_source_options(args: argparse.Namespace, why: str) -> None:
+    """UsageError for --model-kwargs or --input-size where they do not apply."""
+    given = [o for o, v in (("--model-kwargs", args.model_kwargs), ("--input-size", args.input_size)) if v]
+    if given:
+        raise UsageError(f"{' and '.join(given)}: not here, {why}")
 
 
 def _calibration(args: argparse.Namespace, mf: ModelFile) -> Iterator[tuple[Tensor, Tensor]]:
@@ -555,12 +632,18 @@ def cmd_score(args: argparse.Namespace) -> None:
     """Score every prunable channel and save the scores."""
     check_output(args.out, [args.model, args.data])
     mf = load_model(args.model)
-    scores, how, writer = _scores(args, mf)
-    if not writer:
-        return
-    write_scores(args.out, mf.arch, how, scores)
+    if mf.source is not None:  # a library model: its dependency groups, for --flops-target and --ratio
+        if launched():
+            raise UsageError("scoring a library model runs in one process; run it without torchrun")
+        scores, how = _group_scores(args, mf)
+        write_scores(args.out, mf.arch, how, scores, of="groups")
+    else:
+        scores, how, writer = _scores(args, mf)
+        if not writer:
+            return
+        write_scores(args.out, mf.arch, how, scores)
     print(
-        f"wrote {args.out}: {how['criterion']} scores of {len(scores)} layers"
+        f"wrote {args.out}: {how['criterion']} scores of {len(scores)} {'groups' if mf.source else 'layers'}"
         + (f" from {how['images']} image{'s' * (how['images'] != 1)}" if how["images"] else ""),
         file=sys.stderr,
     )
@@ -572,18 +655,20 @@ def cmd_prune(args: argparse.Namespace) -> None:
         raise UsageError(f"--recalibrate-bn must be >= 0, got {args.recalibrate_bn}")
     if args.recalibrate_bn and not args.data:
         raise UsageError("--recalibrate-bn needs --data (its batches come from the train split)")
-    if args.flops_target is None and args.global_scope:
-        raise UsageError("--global applies to --flops-target")
+    if args.sparsity is not None and args.global_scope:
+        raise UsageError("--global applies to --flops-target and --ratio")
     check_output(args.out, [args.scores, args.data, None if args.overwrite_input else args.model], hint=_OVERWRITE)
     mf = load_model(args.model)
-    if args.flops_target is not None:
-        pruned, how = _prune_to_flops(args, mf)
+    if args.sparsity is None:
+        pruned, how = _prune_graph(args, mf)
         budget = {
-            "flops_target": args.flops_target,
+            **({"ratio": args.ratio} if args.flops_target is None else {"flops_target": args.flops_target}),
             "scope": "global" if args.global_scope else "local",
             "round_to": args.round_to,
         }
     else:
+        if mf.source is not None:
+            raise UsageError(_SPARSITY_LIBRARY)
         widths = sparsity.widths(mf.arch, args.sparsity, args.round_to)
         scores, how, writer = _scores(args, mf)
         if not writer:
@@ -613,14 +698,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     path = Path(args.model)
     parent = {"parent": path.name, "parent_path": str(path.resolve()), "parent_sha256": sha256(path)}
     meta = {**mf.meta, "pruned": {**budget, **how, **parent}}
-    ModelFile(mf.arch, pruned, mf.mean, mf.std, mf.classes, meta).save(args.out)
-    result = {
-        "arch": mf.arch,
-        **budget,
-        **how,
-        "out": args.out,
-        **_sizes(pruned, create_model(mf.arch, None, len(mf.classes)), mf.input_size),
-    }
+    dataclasses.replace(mf, model=pruned, meta=meta).save(args.out)
+    result = {"arch": mf.arch, **budget, **how, "out": args.out, **_sizes(pruned, mf.unpruned(), mf.input_size)}
     said = ", ".join(f"{k} {v}" for k, v in budget.items() if v is not None)
     text = f"wrote {args.out}: {mf.arch}, {said}, {how['criterion']}\n" + _sizes_text(result)
     if args.sparsity and args.round_to:
@@ -632,17 +711,52 @@ def cmd_prune(args: argparse.Namespace) -> None:
 _OVERWRITE = " (or --overwrite-input, where it is the model file, to replace it)"
 
 
-def _prune_to_flops(args: argparse.Namespace, mf: ModelFile) -> tuple[RegistryModel, dict[str, Any]]:
-    """The registry model pruned by prune_model to --flops-target, with its widths set from its convs."""
-    if args.scores:
-        raise UsageError("--scores holds per-conv scores for --sparsity; --flops-target scores layer inputs itself")
+def _prune_graph(args: argparse.Namespace, mf: ModelFile) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model pruned by prune_model to --flops-target or --ratio; a registry model keeps its classifier and has
+    its widths set from its convs."""
+    option = "--ratio" if args.flops_target is None else "--flops-target"
     if args.residual == "paper":
         raise UsageError(
-            "--residual paper applies to --sparsity: with --flops-target the dependency graph couples "
-            "the residual channels"
+            f"--residual paper applies to --sparsity: with {option} the dependency graph couples the residual channels"
         )
     if launched():
-        raise UsageError("--flops-target runs in one process; run it without torchrun")
+        raise UsageError(f"{option} runs in one process; run it without torchrun")
+    if args.scores:
+        importance, how = read_scores(args.scores, mf.arch, None, of="groups")
+    else:
+        importance, how = _group_scores(args, mf)
+    model = mf.model.to(args.device)
+    try:
+        pruned = prune_model(
+            model,
+            torch.zeros(1, 3, mf.input_size, mf.input_size, device=args.device),
+            (),
+            flops_target=args.flops_target,
+            pruning_ratio=args.ratio,
+            scope="global" if args.global_scope else "local",
+            ignored_layers=_heads(model),
+            round_to=args.round_to,
+            importance=importance,
+        ).cpu()
+    except ValueError as e:
+        raise UsageError(f"{args.scores}: scores of another model" if "importance:" in str(e) else str(e)) from None
+    if not isinstance(pruned, RegistryModel):
+        return pruned, how
+    pruned.widths = {conv: cast(torch.nn.Conv2d, pruned.get_submodule(conv)).out_channels for conv in pruned.widths}
+    rebuilt = dict(create_model(mf.arch, pruned.widths, len(mf.classes)).named_parameters())
+    if any(v.shape != rebuilt[k].shape for k, v in pruned.named_parameters()):
+        raise UsageError(f"the pruned {mf.arch} does not fit its registry description; prune it with --sparsity")
+    return pruned, how
+
+
+def _heads(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers that keep their widths beside the output layers: a registry model's Linear heads."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)] if isinstance(model, RegistryModel) else []
+
+
+def _group_scores(args: argparse.Namespace, mf: ModelFile) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The importance of every dependency group's channels (chipprune.graph.group_importance) on the calibration
+    batches, and how it was made."""
     criterion = get_criterion(args.criterion, args.seed)
     batches_ = _calibration(args, mf) if isinstance(criterion, ActivationCriterion) else iter(())
     images = 0
@@ -653,30 +767,18 @@ def _prune_to_flops(args: argparse.Namespace, mf: ModelFile) -> tuple[RegistryMo
             images += len(x)
             yield x
 
-    size = mf.input_size
-    model = mf.model.to(args.device)
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]  # the registry heads keep their widths
+    model, size = mf.model.to(args.device), mf.input_size
     try:
-        pruned = cast(
-            RegistryModel,
-            prune_model(
-                model,
-                torch.zeros(1, 3, size, size, device=args.device),
-                counted(),
-                flops_target=args.flops_target,
-                criterion=criterion,
-                scope="global" if args.global_scope else "local",
-                ignored_layers=linears,
-                round_to=args.round_to,
-            ),
-        ).cpu()
+        importance = group_importance(
+            model,
+            torch.zeros(1, 3, size, size, device=args.device),
+            counted(),
+            criterion=criterion,
+            ignored_layers=_heads(model),
+        )
     except ValueError as e:
         raise UsageError(str(e)) from None
-    pruned.widths = {conv: cast(torch.nn.Conv2d, pruned.get_submodule(conv)).out_channels for conv in pruned.widths}
-    rebuilt = dict(create_model(mf.arch, pruned.widths, len(mf.classes)).named_parameters())
-    if any(v.shape != rebuilt[k].shape for k, v in pruned.named_parameters()):
-        raise UsageError(f"the pruned {mf.arch} does not fit its registry description; prune it with --sparsity")
-    return pruned, {"criterion": criterion.name, "images": images, "seed": args.seed}
+    return importance, {"criterion": criterion.name, "images": images, "seed": args.seed}
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -715,7 +817,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     with distributed(args.device) as place:
         train, test = load_data(args.data, args.val_data, args.train_subset, args.seed, place, args.ignore_class_names)
         _check_classes(train, mf, args)
-        preset = "paper-imagenet" if mf.input_size > 32 else "paper-cifar"
+        preset = mf.finetune_preset
         about = {"command": "finetune", "model": args.model}
         if teacher is not None:
             about["teacher"] = {"path": str(teacher.path), "sha256": teacher.sha256}
@@ -725,12 +827,22 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Train an architecture from scratch into a run folder."""
     check_run_folder(args.out_dir, [args.data, args.val_data])
-    mean, std = parse_normalization(args.normalize)
+    library = external.is_external(args.arch)
+    if not library:
+        _no_source_options(args, "they are for library models")
+    mean, std = parse_normalization(args.normalize or "imagenet")
     with distributed(args.device) as place:
         train, test = load_data(args.data, args.val_data, args.train_subset, args.seed, place, args.ignore_class_names)
         torch.manual_seed(args.seed)  # the initial weights
-        model = create_model(args.arch, None, len(train.classes))
-        mf = ModelFile(args.arch, model, mean, std, train.classes, {"trained_from_scratch": args.arch})
+        about = {"trained_from_scratch": args.arch}
+        if library:
+            kwargs = {"num_classes": len(train.classes), **args.model_kwargs}
+            mf = library_model(args.arch, kwargs, input_size=args.input_size, normalize=args.normalize)
+            _check_classes(train, mf, args)
+            mf = dataclasses.replace(mf, classes=list(train.classes), meta=about)
+        else:
+            model = create_model(args.arch, None, len(train.classes))
+            mf = ModelFile(args.arch, model, mean, std, train.classes, about)
         _fit(args, mf, train, test, place, "baseline-cifar", {"command": "train", "arch": args.arch})
 
 

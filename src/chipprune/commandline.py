@@ -7,12 +7,13 @@ error is one line too (`chip COMMAND: error: …`), not the usage text followed 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -93,6 +94,34 @@ def device(text: str) -> str:
     if dev.index is not None and dev.index >= count:
         raise argparse.ArgumentTypeError(f"no {dev}: this machine has {count} {dev.type} device(s), from index 0")
     return text
+
+
+def arch(text: str) -> str:
+    """A registry architecture, or a library model: torchvision:NAME, timm:NAME (the library must have it)."""
+    from .models import ARCHS, external
+
+    if text in ARCHS:
+        return text
+    if not external.is_external(text):
+        raise argparse.ArgumentTypeError(
+            f"unknown architecture {text!r}: one of {', '.join(ARCHS)}, or torchvision:NAME or timm:NAME"
+        )
+    try:
+        external.parse(text)
+    except (ValueError, ImportError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def model_kwargs(text: str) -> dict[str, Any]:
+    """A JSON object of constructor arguments, as '{"num_classes": 10}'."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of constructor arguments, got {text!r}")
+    return value
 
 
 def opset(text: str) -> int:

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from .fileio import atomic_write, reason
 from .modelfile import ModelFile
-from .models import get_arch
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # max error relative to the largest logit
@@ -58,7 +57,7 @@ def export(
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     model = Normalized(mf.model, mf.mean, mf.std).eval()
-    size = get_arch(mf.arch).input_size
+    size = mf.input_size
     example = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # Tracing warns on Python-side shape checks (the shortcut's identity test); they are fixed per module.

@@ -42,7 +42,7 @@ from . import tracing
 from .calibrate import Tap, score_maps
 from .coupling import LAYERS, Cost, Group, Space, costs, couple, macs_after, removal, remove
 from .criteria import L1, ActivationCriterion, Criterion, WeightCriterion, get_criterion
-from .pruners import PRUNERS, traceable
+from .models.resnet_cifar import PRUNERS, traceable
 
 SCOPES = ("local", "global")
 FLOPS_TOLERANCE = 0.02  # flops_target is reached within this fraction of itself

@@ -72,6 +72,21 @@ class ModelFile:
         return self.model
 
     @property
+    def finetune_preset(self) -> str:
+        """chip finetune's default hyperparameters: the registry entry's; for a library model, by its input size
+        (CIFAR's 32 px or less: paper-cifar)."""
+        if self.source is None:
+            return get_arch(self.arch).finetune_preset
+        return "paper-cifar" if self.input_size <= 32 else "paper-imagenet"
+
+    def unpruned(self) -> nn.Module:
+        """The architecture at full width, with this file's classes (random weights)."""
+        source = self.source
+        if source is None:
+            return create_model(self.arch, None, len(self.classes))
+        return external.build(source)
+
+    @property
     def source(self) -> external.Source | None:
         """Where a library model comes from (None for a registry architecture)."""
         return external.parse(self.arch, self.model_kwargs) if external.is_external(self.arch) else None
@@ -170,7 +185,9 @@ def _read_safetensors(path: Path, what: str) -> Any:
     where it holds none)."""
     try:
         with safetensors.safe_open(path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (a safe_open handle, not a dict)
+            # Cloned: the tensors of the mapped file are not aligned as torch allocates, and convs on them gave
+            # other float sums (mixnet_s: logits off by 1e-7).
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118  (a safe_open handle, not a dict)
             header = (f.metadata() or {}).get(SAFETENSORS_KEY)
         rest = json.loads(header) if header is not None else None
     except Exception as e:  # safetensors raises its own error types for corrupt files
@@ -434,16 +451,12 @@ def import_weights(
     Accepts the `module.` prefix of DataParallel, the head named `linear` (public CIFAR ResNets) or `fc`
     (CHIP/HRank, torchvision), and pruned widths, read from the conv weights' shapes."""
     mean, std = parse_normalization(normalize)
-    ckpt = safe_load(weights, "weights file")
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ModelFileError(f"{weights}: expected a state_dict of tensors, or a dict holding one under 'state_dict'")
-    state = {_rename(k): v for k, v in state.items()}
+    state = {_rename(k): v for k, v in _state_dict(weights).items()}
     full = create_model(arch)
     # Pruned widths from the conv weights' shapes; a tensor of another rank keeps the full width, and the shape
     # check of _load_state lists it.
     widths = {conv: _rows(state.get(f"{conv}.weight"), 4) or c for conv, c in full.widths.items()}  # type: ignore[union-attr, operator]
-    head = state.get("fc.weight", state.get("classifier.linear2.weight"))
+    head = state.get(f"{get_arch(arch).head}.weight")
     num_classes = _rows(head, 2) or get_arch(arch).num_classes
     _check_widths(arch, widths, str(weights))
     inputs = _head_inputs(arch, widths)
@@ -457,6 +470,48 @@ def import_weights(
     if classes is None:
         classes = CIFAR10_CLASSES if num_classes == 10 else unnamed_classes(num_classes)
     return ModelFile(arch, model, mean, std, classes, {"imported_from": Path(weights).name})
+
+
+def _state_dict(weights: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of a weights file: a plain state dict, or a dict holding one under `state_dict`."""
+    ckpt = safe_load(weights, "weights file")
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ModelFileError(f"{weights}: expected a state_dict of tensors, or a dict holding one under 'state_dict'")
+    return state
+
+
+def library_model(
+    arch: str,
+    model_kwargs: dict[str, Any] | None = None,
+    *,
+    weights: str | os.PathLike | None = None,
+    pretrained: bool = False,
+    input_size: int | None = None,
+    normalize: str | None = None,
+) -> ModelFile:
+    """A torchvision or timm model as a model file: random weights, the library's own (`pretrained`: downloaded),
+    or a local state dict (`.pt`/`.pth` read with weights_only, or `.safetensors`). Input size and normalization
+    are the library's unless given."""
+    try:
+        source = external.parse(arch, model_kwargs)
+    except (ValueError, ImportError) as e:
+        raise ModelFileError(str(e)) from None
+    try:
+        model = external.build(source, pretrained)
+    except ValueError as e:
+        raise ModelFileError(str(e)) from None
+    except Exception as e:  # a download fails in whatever way the network does
+        raise ModelFileError(f"{arch}: the library's pretrained weights could not be had: {reason(e)}") from None
+    meta: dict[str, Any] = {"pretrained": True} if pretrained else {}
+    if weights is not None:
+        state = _state_dict(weights)
+        _load_state(model, {k.removeprefix("module."): v for k, v in state.items()}, str(weights))
+        meta = {"imported_from": Path(weights).name}
+    config = external.defaults(source, model)
+    mean, std = parse_normalization(normalize) if normalize else (config.mean, config.std)
+    classes = unnamed_classes(config.num_classes)
+    return ModelFile(arch, model, mean, std, classes, meta, source.kwargs, input_size or config.input_size)
 
 
 def _listed(names: set[str]) -> str:

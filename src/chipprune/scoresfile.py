@@ -1,4 +1,6 @@
-"""The scores file of `chip score`: JSON holding the per-channel scores of every prunable conv of one model.
+"""The scores file of `chip score`: JSON holding the per-channel scores of every prunable conv of one model (a
+registry architecture, for --sparsity), or the importance of every channel class of every dependency group (`of`
+"groups": a library model, for --flops-target and --ratio), keyed by the group's root layer.
 
 `chip prune --scores` reads it back as untrusted input: a regular file of bounded size (never a FIFO or a device),
 JSON without NaN, Infinity or numbers beyond float64, nesting within bounds, the model's architecture, every conv of
@@ -26,14 +28,23 @@ class ScoresError(ValueError):
     """A scores file that cannot be used for this model (the message is one line naming the file)."""
 
 
-def write_scores(path: str | os.PathLike, arch: str, how: dict[str, Any], scores: dict[str, Tensor]) -> None:
-    """Save the scores of every conv, with the architecture and how they were made."""
-    save_json({"format": FORMAT, "arch": arch, **how, "layers": {conv: s.tolist() for conv, s in scores.items()}}, path)
+OF = ("convs", "groups")  # what a file's `layers` are: conv outputs, or dependency groups by their root layer
 
 
-def read_scores(path: str | os.PathLike, arch: str, widths: dict[str, int]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The float64 scores of every conv of `widths` (conv -> channels) from a file written for `arch`, and how they
-    were made (criterion, and images, seed, processes where given)."""
+def write_scores(
+    path: str | os.PathLike, arch: str, how: dict[str, Any], scores: dict[str, Tensor], of: str = "convs"
+) -> None:
+    """Save the scores of every conv (or group), with the architecture and how they were made."""
+    layers = {name: s.tolist() for name, s in scores.items()}
+    save_json({"format": FORMAT, "arch": arch, **how, "of": of, "layers": layers}, path)
+
+
+def read_scores(
+    path: str | os.PathLike, arch: str, widths: dict[str, int] | None, of: str = "convs"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The float64 scores of every conv of `widths` (conv -> channels; None: every entry of the file) from a file
+    written for `arch` with `of` entries, and how they were made (criterion, and images, seed, processes where
+    given)."""
     raw = read_file(path, limit=MAX_BYTES, what="scores file", error=ScoresError)
     try:
         d = json.loads(raw, parse_constant=_not_finite, parse_float=_finite, parse_int=_integer)
@@ -47,6 +58,11 @@ def read_scores(path: str | os.PathLike, arch: str, widths: dict[str, int]) -> t
         raise ScoresError(f"{path}: damaged scores file: invalid 'arch'")
     if d.get("arch", arch) != arch:
         raise ScoresError(f"{path}: scores of a {_short(d['arch'])} model, not of this {arch}")
+    if d.get("of", "convs") != of:
+        raise ScoresError(
+            f"{path}: scores of {_short(d['of'])}, not of the {of} this needs "
+            "(a registry architecture's convs are for --sparsity, a library model's groups for --flops-target)"
+        )
     how = {k: d[k] for k in HOW if k in d}
     bad = [k for k, v in how.items() if type(v) is not HOW[k] or (isinstance(v, int) and v < 0)]
     if "criterion" not in how or (not bad and how["criterion"] not in CRITERIA):
@@ -56,6 +72,8 @@ def read_scores(path: str | os.PathLike, arch: str, widths: dict[str, int]) -> t
     layers = d.get("layers")
     if not isinstance(layers, dict):
         raise ScoresError(f"{path}: damaged scores file: 'layers' is not a mapping of conv names to scores")
+    if widths is None:
+        widths = {name: len(v) if isinstance(v, list) else -1 for name, v in layers.items()}
     for conv, c in widths.items():
         values = layers.get(conv)
         if not isinstance(values, list) or len(values) != c:

@@ -7,6 +7,7 @@ stopped. Under torchrun each batch is split among the processes (DistributedData
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -312,7 +313,7 @@ def fit(
                 "best_top1": state["best_top1"],
             },
         }
-        ModelFile(mf.arch, model, mf.mean, mf.std, mf.classes, meta).save(path, training)
+        dataclasses.replace(mf, model=model, meta=meta).save(path, training)
 
     def stop(partial: Tally, epoch: int) -> NoReturn:
         """Save last.pt with the epoch's sums so far, say where, and stop (every process: KeyboardInterrupt)."""

@@ -20,6 +20,8 @@ class Arch:
     rate_layout: str  # what the rates mean, for error messages and docs
     input_size: int
     num_classes: int
+    head: str  # the classifier's module name (its `.weight` in a state dict gives the class count)
+    finetune_preset: str  # chip finetune's default hyperparameters (train.PRESETS)
     presets: dict[str, str] = field(default_factory=dict)
 
 
@@ -32,6 +34,8 @@ def _cifar_resnet(depth: int, presets: dict[str, str] | None = None) -> Arch:
         rate_layout=f"[stem] + [stage-1, stage-2 outputs] + [{rates - 3} block inner rates]",
         input_size=32,
         num_classes=10,
+        head="fc",
+        finetune_preset="paper-cifar",
         presets=presets or {},
     )
 
@@ -62,6 +66,8 @@ ARCHS: dict[str, Arch] = {
         rate_layout="one rate for each of the first 12 convs",
         input_size=32,
         num_classes=10,
+        head="classifier.linear2",
+        finetune_preset="paper-cifar",
         presets={
             "paper-1": "[0.21]*7+[0.75]*5",
             "paper-2": "[0.3]*7+[0.75]*5",
@@ -75,6 +81,8 @@ ARCHS: dict[str, Arch] = {
         rate_layout="[stem] + [stage 1-3 outputs] + [16 block inner rates]",
         input_size=224,
         num_classes=1000,
+        head="fc",
+        finetune_preset="paper-imagenet",
         presets={
             "paper-1": "[0.]+[0.1]*3+[0.35]*16",
             "paper-2": "[0.]+[0.12]*3+[0.38]*16",
