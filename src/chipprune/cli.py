@@ -11,7 +11,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,7 +40,7 @@ from .export import FORMATS, ExportError, export
 from .fileio import OutputError, check_output, sha256
 from .graph import group_importance, prune_model
 from .modelfile import ModelFile, ModelFileError, import_weights, library_model, load_model, parse_normalization
-from .models import RegistryModel, create_model, external, get_arch
+from .models import RegistryModel, create_model, external, get_arch, rewidth
 from .precision import AMP_CHOICES, choose
 from .profile import count_flops, count_params, measure_latency
 from .runs import RunError, check_run_folder
@@ -742,11 +742,10 @@ def _prune_graph(args: argparse.Namespace, mf: ModelFile) -> tuple[torch.nn.Modu
         raise UsageError(f"{args.scores}: scores of another model" if "importance:" in str(e) else str(e)) from None
     if not isinstance(pruned, RegistryModel):
         return pruned, how
-    pruned.widths = {conv: cast(torch.nn.Conv2d, pruned.get_submodule(conv)).out_channels for conv in pruned.widths}
-    rebuilt = dict(create_model(mf.arch, pruned.widths, len(mf.classes)).named_parameters())
-    if any(v.shape != rebuilt[k].shape for k, v in pruned.named_parameters()):
-        raise UsageError(f"the pruned {mf.arch} does not fit its registry description; prune it with --sparsity")
-    return pruned, how
+    try:
+        return rewidth(pruned, mf.arch, len(mf.classes)), how
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _heads(model: torch.nn.Module) -> list[torch.nn.Module]:

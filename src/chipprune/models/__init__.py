@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import cast
+
+from torch import nn
 
 from . import resnet50, resnet_cifar, vgg
 from .common import ChannelLayer, RegistryModel
@@ -106,4 +109,14 @@ def create_model(name: str, widths: dict[str, int] | None = None, num_classes: i
     return arch.build(widths, num_classes or arch.num_classes)
 
 
-__all__ = ["ARCHS", "Arch", "ChannelLayer", "RegistryModel", "create_model", "get_arch"]
+def rewidth(model: RegistryModel, name: str, num_classes: int) -> RegistryModel:
+    """A registry model pruned through the dependency graph, its widths read back from its convs; ValueError where
+    it no longer fits its registry description (its file would not load)."""
+    model.widths = {conv: cast(nn.Conv2d, model.get_submodule(conv)).out_channels for conv in model.widths}
+    rebuilt = dict(create_model(name, model.widths, num_classes).named_parameters())
+    if any(v.shape != rebuilt[k].shape for k, v in model.named_parameters()):
+        raise ValueError(f"the pruned {name} does not fit its registry description; prune it with --sparsity")
+    return model
+
+
+__all__ = ["ARCHS", "Arch", "ChannelLayer", "RegistryModel", "create_model", "get_arch", "rewidth"]
