@@ -1,8 +1,10 @@
-"""What every registry architecture shares: its description of prunable layers and weight slicing."""
+"""What every registry architecture shares: its description of prunable layers, weight slicing, and the entry it
+has in the registry."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -53,3 +55,18 @@ def take(dst: nn.Module, src: nn.Module, out: Tensor | None = None, inp: Tensor 
         if inp is not None and s.dim() > 1 and name == "weight":
             s = s.index_select(1, inp)
         d.copy_(s)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How to build one architecture and read the paper's sparsity lists for it."""
+
+    build: Callable[..., RegistryModel]  # (widths: dict[str, int] | None, num_classes: int) -> model
+    widths_for_rates: Callable[[list[float]], dict[str, int]]
+    num_rates: int
+    rate_layout: str  # what the rates mean, for error messages and docs
+    input_size: int
+    num_classes: int
+    head: str  # the classifier's module name (its `.weight` in a state dict gives the class count)
+    finetune_preset: str  # chip finetune's default hyperparameters (train.PRESETS)
+    presets: dict[str, str] = field(default_factory=dict)

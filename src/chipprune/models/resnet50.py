@@ -6,7 +6,7 @@ from typing import cast
 
 from torch import Tensor, nn
 
-from .common import ChannelLayer, RegistryModel, paper_width, take, with_all_kept
+from .common import Arch, ChannelLayer, RegistryModel, paper_width, take, with_all_kept
 
 STAGES = ((3, 256, 1), (4, 512, 2), (6, 1024, 2), (3, 2048, 2))  # blocks, output channels, stride
 
@@ -142,3 +142,22 @@ def widths_for_rates(rates: list[float]) -> dict[str, int]:
 
 
 NUM_RATES = 20
+
+ARCHS = {
+    "resnet50": Arch(
+        build=ResNet50,
+        widths_for_rates=widths_for_rates,
+        num_rates=NUM_RATES,
+        rate_layout="[stem] + [stage 1-3 outputs] + [16 block inner rates]",
+        input_size=224,
+        num_classes=1000,
+        head="fc",
+        finetune_preset="paper-imagenet",
+        presets={
+            "paper-1": "[0.]+[0.1]*3+[0.35]*16",
+            "paper-2": "[0.]+[0.12]*3+[0.38]*16",
+            "paper-3": "[0.]+[0.25]*3+[0.5]*16",
+            "paper-4": "[0.]+[0.5]*3+[0.6]*16",
+        },
+    ),
+}

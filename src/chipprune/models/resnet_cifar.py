@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import cast
 
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .common import ChannelLayer, RegistryModel, paper_width, take, with_all_kept
+from .common import Arch, ChannelLayer, RegistryModel, paper_width, take, with_all_kept
 
 STAGE_CHANNELS = (16, 32, 64)
 
@@ -196,6 +197,44 @@ def widths_for_rates(depth: int, rates: list[float]) -> dict[str, int]:
 def num_rates(depth: int) -> int:
     """How many rates a configuration of this depth takes."""
     return 3 + 3 * (depth - 2) // 6
+
+
+def _arch(depth: int, presets: dict[str, str] | None = None) -> Arch:
+    """The registry entry of the CIFAR ResNet of `depth`."""
+    rates = num_rates(depth)
+    return Arch(
+        build=partial(ResNetCifar, depth),
+        widths_for_rates=partial(widths_for_rates, depth),
+        num_rates=rates,
+        rate_layout=f"[stem] + [stage-1, stage-2 outputs] + [{rates - 3} block inner rates]",
+        input_size=32,
+        num_classes=10,
+        head="fc",
+        finetune_preset="paper-cifar",
+        presets=presets or {},
+    )
+
+
+ARCHS = {
+    "resnet20": _arch(20),
+    "resnet32": _arch(32),
+    "resnet44": _arch(44),
+    "resnet56": _arch(
+        56,
+        {
+            "paper-1": "[0.]+[0.15]*2+[0.4]*27",
+            "paper-2": "[0.]+[0.4]*2+[0.5]*9+[0.6]*9+[0.7]*9",
+        },
+    ),
+    "resnet110": _arch(
+        110,
+        {
+            "paper-1": "[0.]+[0.2]*2+[0.3]*18+[0.35]*36",
+            "paper-2": "[0.]+[0.22]*2+[0.35]*18+[0.45]*36",
+            "paper-3": "[0.]+[0.4]*2+[0.5]*18+[0.65]*36",
+        },
+    ),
+}
 
 
 # --------------------------------------------------------------------------- Torch-Pruning

@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from .common import ChannelLayer, RegistryModel, paper_width, take, with_all_kept
+from .common import Arch, ChannelLayer, RegistryModel, paper_width, take, with_all_kept
 
 CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 CONVS = tuple(f"features.conv{i}" for i, c in enumerate(CFG) if c != "M")
@@ -79,3 +79,21 @@ def widths_for_rates(rates: list[float]) -> dict[str, int]:
 
 
 NUM_RATES = 12
+
+ARCHS = {
+    "vgg16_bn": Arch(
+        build=VGG,
+        widths_for_rates=widths_for_rates,
+        num_rates=NUM_RATES,
+        rate_layout="one rate for each of the first 12 convs",
+        input_size=32,
+        num_classes=10,
+        head="classifier.linear2",
+        finetune_preset="paper-cifar",
+        presets={
+            "paper-1": "[0.21]*7+[0.75]*5",
+            "paper-2": "[0.3]*7+[0.75]*5",
+            "paper-3": "[0.45]*7+[0.78]*5",
+        },
+    ),
+}
