@@ -38,7 +38,8 @@ from .distributed import Place, distributed, launched
 from .evaluate import evaluate
 from .export import FORMATS, ExportError, export
 from .fileio import OutputError, check_output, sha256
-from .graph import group_importance, prune_model
+from .graph import group_importance, prune_model, prune_to_latency
+from .latency import RUNTIMES, Runner
 from .modelfile import ModelFile, ModelFileError, import_weights, library_model, load_model, parse_normalization
 from .models import RegistryModel, create_model, external, get_arch, rewidth
 from .precision import AMP_CHOICES, choose
@@ -183,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="keep this fraction of the FLOPs (within 2 %%): dependency-graph pruning, every conv "
         "group at one ratio (see docs/any-cnn.md)",
+    )
+    budget.add_argument(
+        "--latency-target",
+        type=number(0, 1, above=True),
+        metavar="F",
+        help="run in at most F x the dense model's measured latency on --runtime (docs/performance.md)",
+    )
+    p.add_argument("--runtime", choices=RUNTIMES, default="eager", help="with --latency-target: what it is timed on")
+    p.add_argument(
+        "--latency-batch-size", type=_positive, default=1, metavar="B", help="with --latency-target: the batch timed"
+    )
+    p.add_argument("--threads", type=_positive, help="with --latency-target: CPU threads (default: torch's)")
+    p.add_argument(
+        "--repeats", type=_positive, default=20, help="with --latency-target: timed runs per measurement, after 3"
     )
     p.add_argument(
         "--global",
@@ -659,7 +674,10 @@ def cmd_prune(args: argparse.Namespace) -> None:
         raise UsageError("--global applies to --flops-target and --ratio")
     check_output(args.out, [args.scores, args.data, None if args.overwrite_input else args.model], hint=_OVERWRITE)
     mf = load_model(args.model)
-    if args.sparsity is None:
+    if args.latency_target is not None:
+        pruned, how = _prune_latency(args, mf)
+        budget = {"latency_target": args.latency_target, "runtime": args.runtime}
+    elif args.sparsity is None:
         pruned, how = _prune_graph(args, mf)
         budget = {
             **({"ratio": args.ratio} if args.flops_target is None else {"flops_target": args.flops_target}),
@@ -705,7 +723,57 @@ def cmd_prune(args: argparse.Namespace) -> None:
     if args.sparsity and args.round_to:
         result["rounded"] = _rounded(mf.arch, args.sparsity, args.round_to)
         text += "\n" + _rounded_text(result)
+    if "latency" in how:
+        t = how["latency"]
+        text += (
+            f"\nlatency ({args.runtime}, batch {args.latency_batch_size}, {t['threads']} threads): dense "
+            f"{t['dense_ms']:.3f} ms, pruned {t['pruned_ms']:.3f} ms measured ({t['pruned_ms'] / t['dense_ms']:.3f}x;"
+            f" predicted {t['predicted_ms']:.3f} ms) after {t['rounds']} round(s)"
+        )
     _emit(args, result, text)
+
+
+def _prune_latency(args: argparse.Namespace, mf: ModelFile) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model pruned to --latency-target on --runtime, and how: the scores, and the latency measured."""
+    if args.residual == "paper" or args.global_scope or args.round_to:
+        raise UsageError("--residual paper, --global and --round-to do not apply to --latency-target")
+    if launched():
+        raise UsageError("--latency-target runs in one process; run it without torchrun")
+    importance, how = read_scores(args.scores, mf.arch, None, of="groups") if args.scores else _group_scores(args, mf)
+    try:
+        runner = Runner(args.runtime, args.latency_batch_size, args.threads, args.device, args.repeats)
+        pruned, report = prune_to_latency(
+            mf.model.to(args.device),
+            torch.zeros(1, 3, mf.input_size, mf.input_size, device=args.device),
+            (),
+            args.latency_target,
+            runner,
+            ignored_layers=_heads(mf.model),
+            importance=importance,
+        )
+    except ImportError as e:
+        raise UsageError(f"{e}: install the export extra, pip install 'chipprune[export]'") from None
+    except ValueError as e:
+        raise UsageError(f"{args.scores}: scores of another model" if "importance:" in str(e) else str(e)) from None
+    how["latency"] = {
+        "dense_ms": report.dense.median_ms,
+        "dense_spread_ms": [report.dense.min_ms, report.dense.max_ms],
+        "pruned_ms": report.pruned.median_ms,
+        "pruned_spread_ms": [report.pruned.min_ms, report.pruned.max_ms],
+        "predicted_ms": report.predicted_ms,
+        "target_ms": report.target_ms,
+        "rounds": report.rounds,
+        "layers_measured": report.measured_layers,
+        "threads": args.threads or torch.get_num_threads(),
+        "batch_size": args.latency_batch_size,
+    }
+    pruned = pruned.cpu()
+    if isinstance(pruned, RegistryModel):
+        try:
+            pruned = rewidth(pruned, mf.arch, len(mf.classes))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return pruned, how
 
 
 _OVERWRITE = " (or --overwrite-input, where it is the model file, to replace it)"

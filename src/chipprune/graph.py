@@ -38,10 +38,11 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from . import tracing
+from . import latency, tracing
 from .calibrate import Tap, score_maps
 from .coupling import LAYERS, Cost, Group, Space, costs, couple, macs_after, removal, remove
 from .criteria import L1, ActivationCriterion, Criterion, WeightCriterion, get_criterion
+from .latency import Report, Runner
 from .models.resnet_cifar import PRUNERS, traceable
 
 SCOPES = ("local", "global")
@@ -75,6 +76,8 @@ def prune_model(
     ignored_layers: Iterable[nn.Module | str] = (),
     round_to: int | None = None,
     importance: dict[str, Tensor] | None = None,
+    latency_target: float | None = None,
+    runtime: Runner | None = None,
 ) -> nn.Module:
     """A physically pruned copy of `model` (which is left as it is), its channels ranked by `criterion`.
 
@@ -83,7 +86,15 @@ def prune_model(
     flops_target (the fraction of the FLOPs to keep, reached within 2 % where the groups allow it). scope "global"
     ranks all groups' channels together. round_to: keep channel counts at multiples of it. importance: from
     group_importance on this model (calibration is then not read), to prune one model several ways from one scoring
-    pass."""
+    pass. latency_target (instead of the other two budgets): the fraction of the dense model's latency on `runtime`
+    (a latency.Runner; eager PyTorch on the CPU by default) to keep, as prune_to_latency."""
+    if latency_target is not None:
+        if pruning_ratio is not None or flops_target is not None or scope != "local" or round_to is not None:
+            raise ValueError("latency_target goes alone: no pruning_ratio, flops_target, global scope or round_to")
+        return prune_to_latency(
+            model, example_inputs, calibration, latency_target, runtime or Runner(),
+            criterion=criterion, ignored_layers=ignored_layers, importance=importance,
+        )[0]  # fmt: skip
     _check(pruning_ratio, flops_target, scope, round_to)
     names = {m: n for n, m in model.named_modules()}
     unknown = sorted(set(pruning_ratio) - set(names.values())) if isinstance(pruning_ratio, dict) else []
@@ -104,6 +115,76 @@ def prune_model(
         )
         return _checked(model, example_inputs, analysis, cut(ratios))
     return _checked(model, example_inputs, analysis, _search(analysis, cut, flops_target, scope == "global"))
+
+
+def prune_to_latency(
+    model: nn.Module,
+    example_inputs: Tensor,
+    calibration: Iterable[Any],
+    latency_target: float,
+    runner: Runner,
+    *,
+    criterion: str | Criterion = "chip",
+    ignored_layers: Iterable[nn.Module | str] = (),
+    importance: dict[str, Tensor] | None = None,
+    cache: str | None = None,
+) -> tuple[nn.Module, Report]:
+    """A pruned copy of `model` that runs in at most `latency_target` × the dense model's time as `runner` measures
+    it (chipprune.latency), and how it went. `cache`: the folder of the latency tables (default CHIP_CACHE_DIR)."""
+    if not 0 < latency_target <= 1:
+        raise ValueError(f"latency_target is the fraction of the latency to keep, in (0, 1], got {latency_target}")
+    names = {m: n for n, m in model.named_modules()}
+    analysis = _analyse(model, example_inputs, calibration, criterion, ignored_layers, names, importance)
+    order = [_ranking(analysis.importance[g.root], g) for g in analysis.groups]
+    sample = tuple(example_inputs.shape[1:])
+    shapes = _input_shapes(model, example_inputs)
+    layers = {c.out: latency.describe(c.out.node.module, shapes[c.out.node.module]) for c in analysis.costs}
+    table = latency.Table.cached(runner, cache)
+    dense = runner.time(model, sample)
+    at_full = sum(table.ms(layers[c.out], c.in_channels, c.out_channels) for c in analysis.costs)
+    n = len(analysis.groups)
+    choice = latency.Choice(
+        analysis.groups, analysis.costs, layers, table, [o for o, _ in order], dense.median_ms - at_full, [0] * n
+    )
+    stops = [latency.fast_counts(choice, g) for g in range(n)]
+    goal = latency_target * dense.median_ms
+    aim, rounds = goal, 0
+    while True:
+        rounds += 1
+        latency.choose(choice, [scores for _, scores in order], aim, stops)
+        pruned = _checked(model, example_inputs, analysis, choice.cut())
+        measured = runner.time(pruned, sample)
+        if measured.median_ms <= goal or choice.predict() > aim or rounds == latency.ROUNDS:
+            break  # met, or no group can give more, or out of rounds
+        aim *= goal / measured.median_ms  # the prediction was off by measured / predicted: aim lower
+    table.save()
+    report = latency.Report(dense, measured, choice.predict(), goal, rounds, table.measured)
+    if measured.median_ms > goal:
+        warnings.warn(
+            f"latency_target {latency_target}: measured {measured.median_ms:.3f} ms, above the "
+            f"{goal:.3f} ms asked for, after {rounds} rounds",
+            stacklevel=2,
+        )
+    return pruned.train(model.training), report
+
+
+@torch.no_grad()
+def _input_shapes(model: nn.Module, example_inputs: Tensor) -> dict[nn.Module, tuple[int, ...]]:
+    """The shape (less the batch) of the first input of each conv and linear layer in one eval-mode pass."""
+    shapes: dict[nn.Module, tuple[int, ...]] = {}
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        shapes.setdefault(module, tuple(inputs[0].shape[1:]))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, LAYERS)]
+    training = model.training
+    try:
+        model.eval()(example_inputs)
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    return shapes
 
 
 def group_importance(

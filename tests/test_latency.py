@@ -1,0 +1,104 @@
+"""Latency-targeted pruning: the layer table and its cache, the choice on a synthetic latency model, a real run."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from chipprune.graph import prune_model, prune_to_latency
+from chipprune.latency import Layer, Runner, Table, describe
+from chipprune.profile import count_macs
+from command import run
+
+
+def synthetic_ms(inputs: int, outputs: int) -> float:
+    """A machine that likes multiples of 8: in × out × 0.001 ms, and 1 ms more for any other output count."""
+    return inputs * outputs * 0.001 + (0.0 if outputs % 8 == 0 else 1.0)
+
+
+class Synthetic(Table):
+    """A table of synthetic_ms."""
+
+    def ms(self, layer: Layer, inputs: int, outputs: int) -> float:
+        self.measured += 1
+        return synthetic_ms(inputs, outputs)
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    ).eval()  # fmt: skip
+
+
+def test_the_table_measures_each_shape_once_and_caches_it_by_runtime_threads_and_batch(tmp_path):
+    runner = Runner("eager", batch_size=2, threads=1, repeats=2, warmup=1)
+    table = Table.cached(runner, tmp_path)
+    layer = describe(nn.Conv2d(16, 16, 3, padding=1), (16, 8, 8))
+    assert layer == Layer("conv", (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 8))
+    first = table.ms(layer, 16, 8)
+    assert table.ms(layer, 16, 8) == first and table.measured == 2  # the layer, and the cost of a call
+    table.ms(layer, 8, 8)
+    table.save()
+    assert table.path == tmp_path / "latency" / "eager-cpu-t1-b2.json"
+    again = Table.cached(runner, tmp_path)
+    assert again.ms(layer, 16, 8) == first and again.measured == 0
+    assert len(json.loads(table.path.read_text())) == 3
+    other = Table.cached(Runner("eager", batch_size=4, threads=1), tmp_path)
+    assert other.entries == {}  # another batch size: another table
+    assert describe(nn.Conv2d(8, 8, 3, groups=8), (8, 4, 4)).kind == "depthwise"
+
+
+def test_the_choice_stops_at_the_target_on_counts_the_machine_likes(monkeypatch):
+    import chipprune.latency as latency
+
+    def whole(self, module, sample):  # the whole model: its layers' synthetic time, plus 0.5 ms
+        layers = [m for m in module.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        ms = 0.5 + sum(synthetic_ms(m.weight.shape[1], m.weight.shape[0]) for m in layers)
+        return latency.Timing(ms, ms, ms)
+
+    monkeypatch.setattr(latency.Table, "cached", classmethod(lambda cls, runner, folder=None: Synthetic(runner, None)))
+    monkeypatch.setattr(latency.Runner, "time", whole)
+    model, x = net(), torch.randn(4, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the linear head's group is scored on 2-D maps: a warning says so
+        pruned, report = prune_to_latency(model, x[:1], [x], 0.5, Runner())
+    widths = [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths), widths  # never a count the machine runs slowly
+    assert report.pruned.median_ms <= report.target_ms == 0.5 * report.dense.median_ms
+    assert report.rounds == 1 and report.predicted_ms == pytest.approx(report.pruned.median_ms)  # an exact model
+    assert report.pruned.median_ms > 0.4 * report.dense.median_ms  # it stopped once the target was met
+
+
+def test_a_real_run_on_the_cpu_prunes_and_reports(tmp_path, one_thread):
+    model, x = net(), torch.randn(4, 3, 16, 16)
+    runner = Runner("eager", threads=1, repeats=5, warmup=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a noisy machine may miss the target by a little: it says so
+        pruned, report = prune_to_latency(model, x[:1], [x], 0.6, runner, cache=str(tmp_path))
+    assert count_macs(pruned, x[:1]) < count_macs(model, x[:1])
+    assert pruned(x).shape == (4, 10)
+    assert report.target_ms == pytest.approx(0.6 * report.dense.median_ms)
+    assert 1 <= report.rounds <= 4 and report.measured_layers > 0
+    assert (tmp_path / "latency" / "eager-cpu-t1-b1.json").exists()
+    again = prune_model(model, x[:1], [x], latency_target=0.6, runtime=runner)
+    assert again(x).shape == (4, 10)
+
+
+def test_chip_prune_latency_target_on_a_registry_model(capsys, workdir, tmp_path, one_thread):
+    code, out, err = run(capsys, "prune", workdir / "r20.pt", "--latency-target", "0.7", "--data", workdir / "data",
+                         "--batches", "1", "--batch-size", "8", "--repeats", "5", "--threads", "1",
+                         "--out", tmp_path / "l.pt", "--json")  # fmt: skip
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["latency_target"] == 0.7 and r["runtime"] == "eager" and r["flops"] < r["base_flops"]
+    t = r["latency"]
+    assert t["target_ms"] == pytest.approx(0.7 * t["dense_ms"]) and t["threads"] == 1 and t["batch_size"] == 1
+    code, _, err = run(capsys, "prune", workdir / "r20.pt", "--latency-target", "0.7", "--round-to", "8",
+                       "--out", tmp_path / "x.pt")  # fmt: skip
+    assert code == 2 and "do not apply to --latency-target" in err
