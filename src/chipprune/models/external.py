@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 LIBRARIES = ("torchvision", "timm")
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # mean, std: where a library names none
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,9 @@ def build(source: Source, pretrained: bool = False) -> nn.Module:
 
 def defaults(source: Source, model: nn.Module) -> Defaults:
     """Input size and normalization from the library's config (timm: the model's pretrained_cfg; torchvision: its
-    default weights' transforms, ImageNet's where it has none); the classes from the model's head."""
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-    classes = heads[-1].out_features if isinstance(heads[-1], nn.Linear) else heads[-1].out_channels
+    default weights' transforms, ImageNet's where it has none); the class count the model was built with."""
+    # timm's models say it; torchvision's take it as a constructor argument, 1000 by default
+    classes = int(getattr(model, "num_classes", source.kwargs.get("num_classes", 1000)))
     if source.library == "timm":
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         size = cfg.get("input_size", (3, 224, 224))[-1]
@@ -104,8 +105,6 @@ def defaults(source: Source, model: nn.Module) -> Defaults:
         return Defaults(224, *IMAGENET, classes)
     return Defaults(int(transforms.crop_size[0]), tuple(transforms.mean), tuple(transforms.std), classes)
 
-
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 TORCHVISION_FAMILIES: dict[str, str] = {
     "alexnet": "alexnet",

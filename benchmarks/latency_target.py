@@ -1,0 +1,115 @@
+"""Latency-targeted pruning of ResNet-56 beside FLOPs-targeted and hand-set pruning, measured side by side.
+
+    python benchmarks/latency_target.py --model runs/reproduce/resnet56.pt --data ../shared/data \
+        [--runtime onnxruntime] [--threads 2] [--batch-sizes 1,64] [--target 0.5] [--json out.json]
+
+Configurations, each made with the documented `chip prune`: paper-1 (`--sparsity paper-1`), `--flops-target 0.52
+--round-to 8`, and `--latency-target TARGET --runtime RUNTIME --latency-batch-size B` for each batch size B. Each
+is timed on the runtime at every batch size in this one run (median of --repeats after 3 warm-up runs, with the
+spread), with its FLOPs and params, and its top-1 on the test split right after pruning, after BatchNorm
+re-estimation (`--recalibrate-bn 4`) and after the same short distilled fine-tune (`chip finetune --teacher parent
+--epochs 1 --train-subset 10000`). Ratios are against the dense model at the same batch size."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from chipprune.latency import Runner
+from chipprune.modelfile import load_model
+from chipprune.profile import count_flops, count_params
+
+
+def chip(*args: str) -> dict:
+    """`chip ARGS --json`'s result (exit on failure)."""
+    proc = subprocess.run(["chip", *args, "--json"], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"chip {' '.join(args)} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def finetuned_top1(model: Path, parent: str, data: str, folder: Path) -> float:
+    """Test top-1 after one distilled epoch over 10,000 training images."""
+    out = folder / f"ft-{model.stem}"
+    cmd = ["chip", "finetune", str(model), "--data", data, "--teacher", parent, "--epochs", "1", "--warmup-epochs",
+           "0", "--train-subset", "10000", "--out-dir", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return float(rows[-1]["test_top1"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the dense ResNet-56 model file (the parent and teacher)")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--runtime", default="onnxruntime")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-sizes", default="1,64")
+    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--no-finetune", action="store_true", help="skip the distilled fine-tune column")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    folder = Path(tempfile.mkdtemp(prefix="latency-target-"))
+    configs = {
+        "paper-1": ["--sparsity", "paper-1"],
+        "flops 0.52, round-to 8": ["--flops-target", "0.52", "--round-to", "8"],
+        **{
+            f"latency {args.target} @ batch {b}": [
+                "--latency-target",
+                str(args.target),
+                "--runtime",
+                args.runtime,
+                "--latency-batch-size",
+                str(b),
+                "--threads",
+                str(args.threads),
+                "--repeats",
+                str(args.repeats),
+            ]  # fmt: skip
+            for b in batches
+        },
+    }
+    rows = [{"config": "dense", "file": Path(args.model), "pruned": {}}]
+    for name, how in configs.items():
+        out = folder / f"{len(rows)}.pt"
+        pruned = chip("prune", args.model, *how, "--data", args.data, "--out", str(out))
+        chip("prune", args.model, *how, "--data", args.data, "--recalibrate-bn", "4", "--out", str(out) + ".bn.pt")
+        rows.append({"config": name, "file": out, "pruned": pruned})
+    for row in rows:
+        mf = load_model(row["file"])
+        row["params"], row["flops"] = count_params(mf.model), count_flops(mf.model, 32)
+        row["latency_ms"] = {}
+        for b in batches:
+            t = Runner(args.runtime, b, args.threads, repeats=args.repeats).time(mf.model, (3, 32, 32))
+            row["latency_ms"][b] = t._asdict()
+        row["top1"] = chip("eval", str(row["file"]), "--data", args.data)["top1"]
+        if row["config"] != "dense":
+            row["top1_bn"] = chip("eval", str(row["file"]) + ".bn.pt", "--data", args.data)["top1"]
+            if not args.no_finetune:
+                row["top1_ft"] = finetuned_top1(Path(str(row["file"]) + ".bn.pt"), args.model, args.data, folder)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("file", "pruned")}), file=sys.stderr, flush=True)
+    dense = rows[0]["latency_ms"]
+    head = " | ".join(f"batch {b} ms (x dense)" for b in batches)
+    print(f"| config | params | FLOPs | {head} | top-1 pruned | + BN | + 1 distilled epoch |")
+    print("|---|---|---|" + "---|" * len(batches) + "---|---|---|")
+    for r in rows:
+        times = " | ".join(
+            f"{r['latency_ms'][b]['median_ms']:.2f} ({r['latency_ms'][b]['median_ms'] / dense[b]['median_ms']:.3f})"
+            for b in batches
+        )
+        print(f"| {r['config']} | {r['params']:,} | {r['flops'] / 1e6:.1f} M | {times} | {r['top1']:.2f} | "
+              f"{r.get('top1_bn', float('nan')):.2f} | {r.get('top1_ft', float('nan')):.2f} |")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "file"} for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()
