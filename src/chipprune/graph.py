@@ -141,12 +141,9 @@ def prune_to_latency(
     layers = {c.out: latency.describe(c.out.node.module, shapes[c.out.node.module]) for c in analysis.costs}
     table = latency.Table.cached(runner, cache)
     dense = runner.time(model, sample)
-    at_full = sum(table.ms(layers[c.out], c.in_channels, c.out_channels) for c in analysis.costs)
-    n = len(analysis.groups)
-    choice = latency.Choice(
-        analysis.groups, analysis.costs, layers, table, [o for o, _ in order], dense.median_ms - at_full, [0] * n
-    )
-    stops = [latency.fast_counts(choice, g) for g in range(n)]
+    orders = [units for units, _ in order]
+    choice = latency.Choice.start(analysis.groups, analysis.costs, layers, table, orders, dense.median_ms)
+    stops = [latency.fast_counts(choice, g) for g in range(len(analysis.groups))]
     goal = latency_target * dense.median_ms
     aim, rounds = goal, 0
     while True:
