@@ -611,11 +611,12 @@ WRITERS = [
     r"torch\.jit\.save\(",
     r"torch\.onnx\.export\(",
 ]
-# Writes that are not files of their own: torch.save, safetensors' save and savefig into memory buffers; export's
-# staging files in a temporary folder, copied with atomic_write once checked.
+# Writes that are not files of their own: torch.save, safetensors' save, savefig and the latency table's ONNX export
+# into memory buffers; export's staging files in a temporary folder, copied with atomic_write once checked.
 ALLOWED = {
     ("fileio.py", r"torch\.save\("): "torch.save(obj, buffer)",
     ("modelfile.py", r"torch\.save\("): "atomic_write(path, safetensors.torch.save(",
+    ("latency.py", r"torch\.onnx\.export\("): "buffer, dynamo=False",
     ("train.py", r"\.savefig\("): "savefig(buffer",
     ("export.py", r"torch\.jit\.save\("): "str(staged)",
     ("export.py", r"torch\.onnx\.export\("): "str(path)",
