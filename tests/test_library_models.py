@@ -98,6 +98,12 @@ def test_a_damaged_structure_is_one_model_file_error(tmp_path):
     torch.save(d, tmp_path / "bad.pt")
     with pytest.raises(ModelFileError, match="no.such.module: no such module"):
         load_model(tmp_path / "bad.pt")
+    for key in ("forward", "_parameters", "no_such_attribute"):  # a file can set only what record writes
+        d = torch.load(tmp_path / "m.pt", weights_only=True)
+        d["structure"]["attributes"]["conv1"] = {key: 3}
+        torch.save(d, tmp_path / "bad.pt")
+        with pytest.raises(ModelFileError, match=f"conv1.{key}: not a structural attribute of Conv2d"):
+            load_model(tmp_path / "bad.pt")
     d = torch.load(tmp_path / "m.pt", weights_only=True)
     d["state_dict"]["extra.weight"] = torch.zeros(1)
     torch.save(d, tmp_path / "bad.pt")

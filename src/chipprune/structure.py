@@ -54,8 +54,10 @@ def restore(model: nn.Module, structure: Structure) -> None:
         if name not in modules:
             raise ValueError(f"{name}: no such module in the architecture")
         for key, value in changed.items():
-            old = getattr(modules[name], key, None)
-            setattr(modules[name], key, _typed(value, old))
+            # Only what record writes: a plain attribute the module has as built (never a private one or a method).
+            if key.startswith("_") or key not in vars(modules[name]) or not _is_plain(vars(modules[name])[key]):
+                raise ValueError(f"{name}.{key}: not a structural attribute of {type(modules[name]).__name__}")
+            setattr(modules[name], key, _typed(value, vars(modules[name])[key]))
     replacements = {name: dict(_uncall(c) for c in calls) for name, calls in structure.calls.items()}
     missing = sorted(set(replacements) - set(modules))
     if missing:
