@@ -739,7 +739,7 @@ def _prune_latency(args: argparse.Namespace, mf: ModelFile) -> tuple[torch.nn.Mo
         raise UsageError("--residual paper, --global and --round-to do not apply to --latency-target")
     if launched():
         raise UsageError("--latency-target runs in one process; run it without torchrun")
-    importance, how = read_scores(args.scores, mf.arch, None, of="groups") if args.scores else _group_scores(args, mf)
+    importance, how = _graph_scores(args, mf)
     try:
         runner = Runner(args.runtime, args.latency_batch_size, args.threads, args.device, args.repeats)
         pruned, report = prune_to_latency(
@@ -754,7 +754,7 @@ def _prune_latency(args: argparse.Namespace, mf: ModelFile) -> tuple[torch.nn.Mo
     except ImportError as e:
         raise UsageError(f"{e}: install the export extra, pip install 'chipprune[export]'") from None
     except ValueError as e:
-        raise UsageError(f"{args.scores}: scores of another model" if "importance:" in str(e) else str(e)) from None
+        raise _pruning_error(e, args) from None
     how["latency"] = {
         "dense_ms": report.dense.median_ms,
         "dense_spread_ms": [report.dense.min_ms, report.dense.max_ms],
@@ -767,13 +767,7 @@ def _prune_latency(args: argparse.Namespace, mf: ModelFile) -> tuple[torch.nn.Mo
         "threads": args.threads or torch.get_num_threads(),
         "batch_size": args.latency_batch_size,
     }
-    pruned = pruned.cpu()
-    if isinstance(pruned, RegistryModel):
-        try:
-            pruned = rewidth(pruned, mf.arch, len(mf.classes))
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    return pruned, how
+    return _with_widths(pruned.cpu(), mf), how
 
 
 _OVERWRITE = " (or --overwrite-input, where it is the model file, to replace it)"
@@ -789,10 +783,7 @@ def _prune_graph(args: argparse.Namespace, mf: ModelFile) -> tuple[torch.nn.Modu
         )
     if launched():
         raise UsageError(f"{option} runs in one process; run it without torchrun")
-    if args.scores:
-        importance, how = read_scores(args.scores, mf.arch, None, of="groups")
-    else:
-        importance, how = _group_scores(args, mf)
+    importance, how = _graph_scores(args, mf)
     model = mf.model.to(args.device)
     try:
         pruned = prune_model(
@@ -807,11 +798,26 @@ def _prune_graph(args: argparse.Namespace, mf: ModelFile) -> tuple[torch.nn.Modu
             importance=importance,
         ).cpu()
     except ValueError as e:
-        raise UsageError(f"{args.scores}: scores of another model" if "importance:" in str(e) else str(e)) from None
+        raise _pruning_error(e, args) from None
+    return _with_widths(pruned, mf), how
+
+
+def _graph_scores(args: argparse.Namespace, mf: ModelFile) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The importance of every dependency group: read from --scores, or scored on the calibration batches."""
+    return read_scores(args.scores, mf.arch, None, of="groups") if args.scores else _group_scores(args, mf)
+
+
+def _pruning_error(e: ValueError, args: argparse.Namespace) -> UsageError:
+    """prune_model's refusal as a usage error; one of --scores' importances, as scores of another model."""
+    return UsageError(f"{args.scores}: scores of another model" if "importance:" in str(e) else str(e))
+
+
+def _with_widths(pruned: torch.nn.Module, mf: ModelFile) -> torch.nn.Module:
+    """A graph-pruned model, a registry one with its widths read back from its convs."""
     if not isinstance(pruned, RegistryModel):
-        return pruned, how
+        return pruned
     try:
-        return rewidth(pruned, mf.arch, len(mf.classes)), how
+        return rewidth(pruned, mf.arch, len(mf.classes))
     except ValueError as e:
         raise UsageError(str(e)) from None
 

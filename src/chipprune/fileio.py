@@ -256,3 +256,8 @@ def save_torch(obj: object, path: str | os.PathLike) -> None:
 def save_json(obj: Any, path: str | os.PathLike) -> None:
     """JSON, indented, atomically."""
     atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def cache_root(given: str | os.PathLike | None = None) -> Path:
+    """The folder of chipprune's caches: `given`, else CHIP_CACHE_DIR, else ~/.cache/chipprune."""
+    return Path(given or os.environ.get("CHIP_CACHE_DIR") or Path.home() / ".cache/chipprune").expanduser()

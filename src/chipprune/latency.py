@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .coupling import Cost, Group, Space, removal
-from .fileio import atomic_write
+from .fileio import atomic_write, cache_root
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
 ROUNDS = 4  # whole-model checks before giving up on the target
@@ -177,8 +177,7 @@ class Table:
     @classmethod
     def cached(cls, runner: Runner, folder: str | os.PathLike | None = None) -> Table:
         """The table of `runner` under `folder` (default CHIP_CACHE_DIR/latency), with what it holds already."""
-        root = Path(folder or os.environ.get("CHIP_CACHE_DIR") or Path.home() / ".cache/chipprune") / "latency"
-        path = root / f"{runner.key}.json"
+        path = cache_root(folder) / "latency" / f"{runner.key}.json"
         table = cls(runner, path)
         with contextlib.suppress(OSError, ValueError, TypeError):
             table.entries = {k: Timing(*v) for k, v in json.loads(path.read_text()).items()}

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from tqdm import tqdm
 
-from ..fileio import OutputError, kind, load_reason, read_file, reason, save_torch
+from ..fileio import OutputError, cache_root, kind, load_reason, read_file, reason, save_torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -451,8 +451,7 @@ def _cache_file(path: Path, split: str, cache_dir: str | os.PathLike | None) -> 
     key: list[object] = [CACHE_VERSION, str(path), split, st.st_size, st.st_mtime_ns]
     if path.is_dir():
         key += _tree_key(path, split)
-    root = Path(cache_dir or os.environ.get("CHIP_CACHE_DIR") or Path.home() / ".cache/chipprune").expanduser()
-    return root / f"{path.name}-{split}-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}.pt"
+    return cache_root(cache_dir) / f"{path.name}-{split}-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}.pt"
 
 
 def _tree_key(folder: Path, split: str) -> list[tuple[str, int, int]]:
