@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--global",
         dest="global_scope",
         action="store_true",
-        help="with --flops-target: rank all groups' channels together (the layers that matter keep more)",
+        help="with --flops-target or --ratio: rank all groups' channels together",
     )
     p.add_argument(
         "--round-to",
