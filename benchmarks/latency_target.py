@@ -5,10 +5,10 @@
 
 Configurations, each made with the documented `chip prune`: paper-1 (`--sparsity paper-1`), `--flops-target 0.52
 --round-to 8`, and `--latency-target TARGET --runtime RUNTIME --latency-batch-size B` for each batch size B. Each
-is timed on the runtime at every batch size in this one run (median of --repeats after 3 warm-up runs, with the
-spread), with its FLOPs and params, and its top-1 on the test split right after pruning, after BatchNorm
-re-estimation (`--recalibrate-bn 4`) and after the same short distilled fine-tune (`chip finetune --teacher parent
---epochs 1 --train-subset 10000`). Ratios are against the dense model at the same batch size."""
+is timed on the runtime at every batch size in this one run, side by side (their runs alternate in blocks; median
+of --repeats, with the spread), with its FLOPs and params, and its top-1 on the test split right after pruning, after
+BatchNorm re-estimation (`--recalibrate-bn 4`) and after the same short distilled fine-tune (`chip finetune
+--teacher parent --epochs 1 --train-subset 10000`). Ratios are against the dense model at the same batch size."""
 
 from __future__ import annotations
 
@@ -83,13 +83,13 @@ def main() -> None:
         pruned = chip("prune", args.model, *how, "--data", args.data, "--out", str(out))
         chip("prune", args.model, *how, "--data", args.data, "--recalibrate-bn", "4", "--out", str(out) + ".bn.pt")
         rows.append({"config": name, "file": out, "pruned": pruned})
-    for row in rows:
-        mf = load_model(row["file"])
-        row["params"], row["flops"] = count_params(mf.model), count_flops(mf.model, 32)
-        row["latency_ms"] = {}
-        for b in batches:
-            t = Runner(args.runtime, b, args.threads, repeats=args.repeats).time(mf.model, (3, 32, 32))
-            row["latency_ms"][b] = t._asdict()
+    models = [load_model(row["file"]).model for row in rows]
+    for b in batches:  # all configurations side by side, their runs alternating in blocks
+        timings = Runner(args.runtime, b, args.threads, repeats=args.repeats).times(models, (3, 32, 32))
+        for row, t in zip(rows, timings, strict=True):
+            row.setdefault("latency_ms", {})[b] = t._asdict()
+    for row, model in zip(rows, models, strict=True):
+        row["params"], row["flops"] = count_params(model), count_flops(model, 32)
         row["top1"] = chip("eval", str(row["file"]), "--data", args.data)["top1"]
         if row["config"] != "dense":
             row["top1_bn"] = chip("eval", str(row["file"]) + ".bn.pt", "--data", args.data)["top1"]

@@ -1,12 +1,14 @@
 """Latency-targeted pruning: the layer table and its cache, the choice on a synthetic latency model, a real run."""
 
 import json
+import re
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
+import chipprune.latency as latency
 from chipprune.graph import prune_model, prune_to_latency
 from chipprune.latency import Layer, Runner, Table, describe
 from chipprune.profile import count_macs
@@ -36,7 +38,7 @@ def net() -> nn.Module:
     ).eval()  # fmt: skip
 
 
-def test_the_table_measures_each_shape_once_and_caches_it_by_runtime_threads_and_batch(tmp_path):
+def test_the_table_measures_each_shape_once_and_caches_it_by_runtime_threads_batch_and_machine(tmp_path, monkeypatch):
     runner = Runner("eager", batch_size=2, threads=1, repeats=2, warmup=1)
     table = Table.cached(runner, tmp_path)
     layer = describe(nn.Conv2d(16, 16, 3, padding=1), (16, 8, 8))
@@ -45,25 +47,36 @@ def test_the_table_measures_each_shape_once_and_caches_it_by_runtime_threads_and
     assert table.ms(layer, 16, 8) == first and table.measured == 2  # the layer, and the cost of a call
     table.ms(layer, 8, 8)
     table.save()
-    assert table.path == tmp_path / "latency" / "eager-cpu-t1-b2.json"
+    assert table.path.parent == tmp_path / "latency"
+    assert re.fullmatch(r"eager-cpu-t1-b2-[0-9a-f]{8}\.json", table.path.name)
     again = Table.cached(runner, tmp_path)
     assert again.ms(layer, 16, 8) == first and again.measured == 0
     assert len(json.loads(table.path.read_text())) == 3
     other = Table.cached(Runner("eager", batch_size=4, threads=1), tmp_path)
     assert other.entries == {}  # another batch size: another table
+    monkeypatch.setattr(latency, "_processor", lambda device: "another processor")
+    assert Table.cached(runner, tmp_path).entries == {}  # another machine: another table
     assert describe(nn.Conv2d(8, 8, 3, groups=8), (8, 4, 4)).kind == "depthwise"
 
 
-def test_the_choice_stops_at_the_target_on_counts_the_machine_likes(monkeypatch):
-    import chipprune.latency as latency
+def machine(rest_ms: float, factor: float):
+    """A Runner.times of synthetic models: their layers' synthetic_ms times `factor`, plus `rest_ms`."""
 
-    def whole(self, module, sample):  # the whole model: its layers' synthetic time, plus 0.5 ms
-        layers = [m for m in module.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-        ms = 0.5 + sum(synthetic_ms(m.weight.shape[1], m.weight.shape[0]) for m in layers)
-        return latency.Timing(ms, ms, ms)
+    def times(self, modules, sample):
+        timings = []
+        for module in modules:
+            layers = [m for m in module.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+            ms = rest_ms + factor * sum(synthetic_ms(m.weight.shape[1], m.weight.shape[0]) for m in layers)
+            timings.append(latency.Timing(ms, ms, ms))
+        return timings
+
+    return times
+
+
+def test_the_choice_stops_at_the_target_on_counts_the_machine_likes(monkeypatch):
 
     monkeypatch.setattr(latency.Table, "cached", classmethod(lambda cls, runner, folder=None: Synthetic(runner, None)))
-    monkeypatch.setattr(latency.Runner, "time", whole)
+    monkeypatch.setattr(latency.Runner, "times", machine(0.0, 1.25))  # the rest shrinks with the layers
     model, x = net(), torch.randn(4, 3, 8, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the linear head's group is scored on 2-D maps: a warning says so
@@ -71,8 +84,38 @@ def test_the_choice_stops_at_the_target_on_counts_the_machine_likes(monkeypatch)
     widths = [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)]
     assert all(w % 8 == 0 for w in widths), widths  # never a count the machine runs slowly
     assert report.pruned.median_ms <= report.target_ms == 0.5 * report.dense.median_ms
-    assert report.rounds == 1 and report.predicted_ms == pytest.approx(report.pruned.median_ms)  # an exact model
+    assert report.predicted_ms == pytest.approx(report.pruned.median_ms)  # an exact model
+    assert report.rounds < latency.ROUNDS  # it stopped when a choice came back
     assert report.pruned.median_ms > 0.4 * report.dense.median_ms  # it stopped once the target was met
+
+
+def test_a_missed_prediction_is_corrected_and_measured_again(monkeypatch):
+    monkeypatch.setattr(latency.Table, "cached", classmethod(lambda cls, runner, folder=None: Synthetic(runner, None)))
+    monkeypatch.setattr(latency.Runner, "times", machine(4.0, 1.0))  # a rest that does not shrink: a slower model
+    model, x = net(), torch.randn(4, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned, report = prune_to_latency(model, x[:1], [x], 0.6, Runner())
+    assert report.rounds > 1 and report.predicted_ms < report.pruned.median_ms  # the first choice missed
+    assert report.pruned.median_ms <= report.target_ms  # the corrected one, measured, meets the target
+
+
+def test_timings_side_by_side_alternate_in_blocks():
+    calls = []
+
+    class Tagged(nn.Module):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag = tag
+
+        def forward(self, x):
+            calls.append(self.tag)
+            return x
+
+    timings = Runner("eager", repeats=2 * latency.BLOCK, warmup=1).times([Tagged("a"), Tagged("b")], (1,))
+    assert len(timings) == 2 and all(t.min_ms <= t.median_ms <= t.max_ms for t in timings)
+    runs = [tag for i, tag in enumerate(calls) if i == 0 or calls[i - 1] != tag]
+    assert runs == ["a", "b", "a", "b"] and len(calls) == 2 * 2 * (latency.BLOCK + 1)
 
 
 def test_a_real_run_on_the_cpu_prunes_and_reports(tmp_path, one_thread):
@@ -84,8 +127,8 @@ def test_a_real_run_on_the_cpu_prunes_and_reports(tmp_path, one_thread):
     assert count_macs(pruned, x[:1]) < count_macs(model, x[:1])
     assert pruned(x).shape == (4, 10)
     assert report.target_ms == pytest.approx(0.6 * report.dense.median_ms)
-    assert 1 <= report.rounds <= 4 and report.measured_layers > 0
-    assert (tmp_path / "latency" / "eager-cpu-t1-b1.json").exists()
+    assert 1 <= report.rounds <= latency.ROUNDS and report.measured_layers > 0
+    assert (tmp_path / "latency" / f"{runner.key}.json").exists()
     again = prune_model(model, x[:1], [x], latency_target=0.6, runtime=runner)
     assert again(x).shape == (4, 10)
 

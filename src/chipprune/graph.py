@@ -144,25 +144,36 @@ def prune_to_latency(
     orders = [units for units, _ in order]
     choice = latency.Choice.start(analysis.groups, analysis.costs, layers, table, orders, dense.median_ms)
     stops = [latency.fast_counts(choice, g) for g in range(len(analysis.groups))]
-    goal = latency_target * dense.median_ms
-    aim, rounds = goal, 0
-    while True:
-        rounds += 1
-        latency.choose(choice, [scores for _, scores in order], aim, stops)
+    # The search is on the aim, a fraction of the dense model's predicted time: each round chooses from the dense
+    # model anew and corrects the aim by how far the measured ratio missed the middle of the band.
+    aim, tried, seen = latency_target, list[latency.Trial](), set[tuple[int, ...]]()
+    for _ in range(latency.ROUNDS):
+        latency.choose(choice, aim * dense.median_ms, stops)
+        if tuple(choice.removed) in seen:
+            break  # the correction led back to a choice already measured
+        seen.add(tuple(choice.removed))
         pruned = _checked(model, example_inputs, analysis, choice.cut())
-        measured = runner.time(pruned, sample)
-        if measured.median_ms <= goal or choice.predict() > aim or rounds == latency.ROUNDS:
-            break  # met, or no group can give more, or out of rounds
-        aim *= goal / measured.median_ms  # the prediction was off by measured / predicted: aim lower
+        base, measured = runner.times([model, pruned], sample)
+        trial = latency.Trial(measured.median_ms / base.median_ms, base, measured, choice.predict(), pruned)
+        tried.append(trial)
+        if latency.BAND * latency_target <= trial.ratio <= latency_target:
+            break
+        if trial.ratio > latency_target and choice.predict() > aim * dense.median_ms:
+            break  # no group can give more
+        aim *= (1 + latency.BAND) / 2 * latency_target / trial.ratio
+    met = [t for t in tried if t.ratio <= latency_target]
+    best = max(met, key=lambda t: t.ratio) if met else min(tried, key=lambda t: t.ratio)
     table.save()
-    report = latency.Report(dense, measured, choice.predict(), goal, rounds, table.measured)
-    if measured.median_ms > goal:
+    report = latency.Report(
+        best.dense, best.pruned, best.predicted_ms, latency_target * best.dense.median_ms, len(tried), table.measured
+    )
+    if best.ratio > latency_target:
         warnings.warn(
-            f"latency_target {latency_target}: measured {measured.median_ms:.3f} ms, above the "
-            f"{goal:.3f} ms asked for, after {rounds} rounds",
+            f"latency_target {latency_target}: measured {best.ratio:.3f} x the dense model's latency "
+            f"({best.pruned.median_ms:.3f} ms against {best.dense.median_ms:.3f} ms) after {len(tried)} rounds",
             stacklevel=2,
         )
-    return pruned.train(model.training), report
+    return best.model.train(model.training), report
 
 
 @torch.no_grad()
