@@ -18,12 +18,18 @@ from pathlib import Path
 import torch
 
 from chipprune.export import export
+from chipprune.latency import Runner
 from chipprune.modelfile import ModelFile
 from chipprune.models import create_model
-from chipprune.profile import count_flops, measure_latency
+from chipprune.profile import count_flops
 from resnet56_configs import CONFIGS, configs
 
 BATCHES = (1, 64)
+
+
+def eager_ms(model: torch.nn.Module, batch: int, repeats: int, device: str = "cpu") -> float:
+    """Median milliseconds of one eager PyTorch forward pass (chipprune.latency.Runner)."""
+    return Runner("eager", batch, device=device, repeats=repeats).time(model, (3, 32, 32)).median_ms
 
 
 def onnx_latency(path: Path, batch: int, repeats: int, threads: int) -> float:
@@ -67,10 +73,8 @@ def main() -> None:
             export(mf, ts_path, "torchscript")
             with torch.no_grad():
                 runtimes = {
-                    "eager": lambda b, m=model: measure_latency(m, 32, b, repeats=args.repeats)["median_ms"],
-                    "torchscript": lambda b, p=ts_path: measure_latency(
-                        torch.jit.load(str(p)), 32, b, repeats=args.repeats
-                    )["median_ms"],
+                    "eager": lambda b, m=model: eager_ms(m, b, args.repeats),
+                    "torchscript": lambda b, p=ts_path: eager_ms(torch.jit.load(str(p)), b, args.repeats),
                     "onnxruntime": lambda b, p=onnx_path: onnx_latency(p, b, args.repeats, args.threads),
                 }
                 for runtime, measure in runtimes.items():
@@ -86,7 +90,7 @@ def main() -> None:
         print(f"\nCUDA ({torch.cuda.get_device_name()}), eager:")
         for name in configs(args.configs):
             model = create_model("resnet56", CONFIGS[name].widths()).cuda()
-            ms = {b: measure_latency(model, 32, b, repeats=args.repeats)["median_ms"] for b in (*BATCHES, 256)}
+            ms = {b: eager_ms(model, b, args.repeats, "cuda") for b in (*BATCHES, 256)}
             rows += [
                 {"config": name, "device": "cuda", "runtime": "eager", "batch": b, "median_ms": m}
                 for b, m in ms.items()

@@ -28,8 +28,9 @@ from chipprune.data import ImageSplit, batches, load_split
 from chipprune.evaluate import evaluate
 from chipprune.fileio import save_json
 from chipprune.graph import group_importance, prune_model
+from chipprune.latency import Runner
 from chipprune.modelfile import ModelFile, load_model
-from chipprune.profile import count_flops, count_params, measure_latency
+from chipprune.profile import count_flops, count_params
 from chipprune.surgery import prune
 
 SIZE = 32  # CIFAR images
@@ -93,10 +94,11 @@ def measure(
         recalibrate_bn(recalibrated, stream(mf, train, 128, shuffle=True, seed=1, limit=512))
         row["top1_bn"] = evaluate(recalibrated, stream(mf, test))["top1"]
     if not args.no_latency:
-        torch.set_num_threads(args.threads)
-        row["latency_ms"] = {b: measure_latency(m, SIZE, b, repeats=args.repeats)["median_ms"] for b in (1, 64)}
+        row["latency_ms"] = {
+            b: Runner("eager", b, args.threads, repeats=args.repeats).time(m, (3, SIZE, SIZE)).median_ms
+            for b in (1, 64)
+        }
         row["threads"] = args.threads
-        torch.set_num_threads(1)
     return row
 
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from chipprune.export import Normalized, export, relative_error, run_exported
+from chipprune.latency import Runner
 from chipprune.modelfile import CIFAR10_CLASSES, ModelFile
 from chipprune.models import create_model
-from chipprune.profile import measure_latency
 from chipprune.sparsity import widths
 from chipprune.surgery import prune
 from test_surgery import random_scores, randomize
@@ -49,8 +49,8 @@ def test_normalized_wrapper_and_unknown_format(tmp_path, pruned_file):
 
 
 def test_latency_statistics_are_ordered():
-    r = measure_latency(create_model("resnet20"), 32, 2, warmup=1, repeats=3)
-    assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+    r = Runner("eager", 2, warmup=1, repeats=3).time(create_model("resnet20"), (3, 32, 32))
+    assert 0 < r.min_ms <= r.median_ms <= r.max_ms
 
 
 def test_cli_export_and_latency(tmp_path, pruned_file, capsys):

@@ -43,7 +43,7 @@ from .latency import RUNTIMES, Runner
 from .modelfile import ModelFile, ModelFileError, import_weights, library_model, load_model, parse_normalization
 from .models import RegistryModel, create_model, external, get_arch, rewidth
 from .precision import AMP_CHOICES, choose
-from .profile import count_flops, count_params, measure_latency
+from .profile import count_flops, count_params
 from .runs import RunError, check_run_folder
 from .scoresfile import ScoresError, read_scores, write_scores
 from .surgery import RESIDUAL_MODES, prune
@@ -531,11 +531,11 @@ def cmd_profile(args: argparse.Namespace) -> None:
         result["round_to"], result["rounded"] = args.round_to, _rounded(arch, args.sparsity, args.round_to)
         text += "\n" + _rounded_text(result)
     if args.latency:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        model.to(args.device)
-        result["latency_ms"] = {b: measure_latency(model, size, b, repeats=args.repeats) for b in args.batch_sizes}
-        result["threads"] = torch.get_num_threads()
+        result["latency_ms"] = {
+            b: Runner("eager", b, args.threads, args.device, args.repeats).time(model, (3, size, size))._asdict()
+            for b in args.batch_sizes
+        }
+        result["threads"] = args.threads or torch.get_num_threads()
         text += "".join(
             f"\nbatch {b}: {r['median_ms']:.2f} ms median ({r['min_ms']:.2f}–{r['max_ms']:.2f})"
             for b, r in result["latency_ms"].items()
@@ -750,6 +750,7 @@ def _prune_latency(args: argparse.Namespace, mf: ModelFile) -> tuple[torch.nn.Mo
             runner,
             ignored_layers=_heads(mf.model),
             importance=importance,
+            progress=True,
         )
     except ImportError as e:
         raise UsageError(f"{e}: install the export extra, pip install 'chipprune[export]'") from None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import linecache
+import sys
 import traceback
 import warnings
 from collections.abc import Callable, Iterable
@@ -37,6 +38,7 @@ from typing import Any, NamedTuple, cast
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from . import latency, tracing
 from .calibrate import Tap, score_maps
@@ -128,9 +130,11 @@ def prune_to_latency(
     ignored_layers: Iterable[nn.Module | str] = (),
     importance: dict[str, Tensor] | None = None,
     cache: str | None = None,
+    progress: bool = False,
 ) -> tuple[nn.Module, Report]:
     """A pruned copy of `model` that runs in at most `latency_target` × the dense model's time as `runner` measures
-    it (chipprune.latency), and how it went. `cache`: the folder of the latency tables (default CHIP_CACHE_DIR)."""
+    it (chipprune.latency), and how it went. `cache`: the folder of the latency tables (default CHIP_CACHE_DIR);
+    `progress`: a bar over the groups whose table entries are measured, and a line per whole-model check."""
     if not 0 < latency_target <= 1:
         raise ValueError(f"latency_target is the fraction of the latency to keep, in (0, 1], got {latency_target}")
     names = {m: n for n, m in model.named_modules()}
@@ -143,7 +147,8 @@ def prune_to_latency(
     dense = runner.time(model, sample)
     orders = [units for units, _ in order]
     choice = latency.Choice.start(analysis.groups, analysis.costs, layers, table, orders, dense.median_ms)
-    stops = [latency.fast_counts(choice, g) for g in range(len(analysis.groups))]
+    bar = tqdm(range(len(analysis.groups)), desc="latency table", unit="group", disable=not progress)
+    stops = [latency.fast_counts(choice, g) for g in bar]
     # The search is on the aim, a fraction of the dense model's predicted time: each round chooses from the dense
     # model anew and corrects the aim by how far the measured ratio missed the middle of the band.
     aim, tried, seen = latency_target, list[latency.Trial](), set[tuple[int, ...]]()
@@ -156,6 +161,11 @@ def prune_to_latency(
         base, measured = runner.times([model, pruned], sample)
         trial = latency.Trial(measured.median_ms / base.median_ms, base, measured, choice.predict(), pruned)
         tried.append(trial)
+        if progress:
+            tqdm.write(
+                f"round {len(tried)}: {trial.ratio:.3f}x the dense latency, measured ({latency_target} asked)",
+                file=sys.stderr,
+            )
         if latency.BAND * latency_target <= trial.ratio <= latency_target:
             break
         if trial.ratio > latency_target and choice.predict() > aim * dense.median_ms:

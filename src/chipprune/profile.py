@@ -1,9 +1,7 @@
-"""Model cost: trainable parameters, multiply-accumulates of conv and linear layers, measured latency."""
+"""Model cost: trainable parameters and multiply-accumulates of conv and linear layers (latency: chipprune.latency)."""
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import cast
 
 import torch
@@ -52,27 +50,3 @@ def layer_macs(model: nn.Module, example_inputs: Tensor) -> dict[nn.Module, int]
         for h in handles:
             h.remove()
     return totals
-
-
-@torch.no_grad()
-def measure_latency(
-    model: nn.Module, input_size: int, batch_size: int, *, warmup: int = 3, repeats: int = 20
-) -> dict[str, float]:
-    """Median, min and max milliseconds of one eval-mode forward pass of a random batch."""
-    model.eval()
-    x = torch.randn(batch_size, 3, input_size, input_size, device=next(model.parameters()).device)
-
-    def sync() -> None:
-        if x.is_cuda:  # CUDA runs asynchronously: wait for the work, not just its launch
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        model(x)
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        sync()
-        times.append(1000 * (time.perf_counter() - start))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
