@@ -2,12 +2,15 @@
 
     python experiments/library_models.py chain   # resnet50, efficientnet_b0, convnext_atto at 224 px on random images
     python experiments/library_models.py cifar   # timm:resnet18 at 32 px on ../shared/data: train, prune, fine-tune
+    python experiments/library_models.py latency # resnet50, mobilenetv3, efficientnet_b0 at 224 px: --latency-target
 
 `chain`, per model: import with random weights, then a state dict saved from the library and re-imported; profile;
 prune to half the FLOPs on a small ImageNet-style folder of random 256x256 JPEGs (4 classes, written once under
 runs/library/); eval; fine-tune one epoch on 32 images; export to ONNX with a dynamic batch; reload the files and
 compare logits. `cifar`: timm:resnet18 with 10 classes at 32 px trained from scratch for one epoch, pruned to half
-its FLOPs with CHIP and fine-tuned one epoch, top-1 on the 10,000 JPEG test images after each step.
+its FLOPs with CHIP and fine-tuned one epoch, top-1 on the 10,000 JPEG test images after each step. `latency`: each
+of LATENCY (random weights, the library's 1000 classes) pruned with `--latency-target 0.5 --runtime eager
+--latency-batch-size 1 --threads 2`, scored on the random JPEGs: the latency measured, dense and pruned side by side.
 
 Results go to results/library-models/runs.jsonl; a step already logged is skipped (runs/ holds the files)."""
 
@@ -24,6 +27,7 @@ from reproduce import append, chip, logged, metrics
 RUNS = Path("runs/library")
 LOG = Path("results/library-models/runs.jsonl")
 CHAIN = ["torchvision:resnet50", "timm:efficientnet_b0", "timm:convnext_atto"]
+LATENCY = ["torchvision:resnet50", "timm:mobilenetv3_large_100", "timm:efficientnet_b0"]
 
 
 def folder() -> Path:
@@ -128,15 +132,29 @@ def cifar(data: str) -> None:
                      "wall_s": round(wall, 1), "commands": [line]})  # fmt: skip
 
 
+def latency(arch: str, target: str = "0.5") -> None:
+    """One library model pruned to a latency target in eager PyTorch, batch 1, 2 threads."""
+    work = RUNS / arch.replace(":", "-")
+    work.mkdir(parents=True, exist_ok=True)
+    dense = work / "dense-1000.pt"
+    step({"arch": arch, "step": "import 1000 classes"}, "import", "--arch", arch, "--out", str(dense))
+    step({"arch": arch, "step": f"latency {target} eager b1"}, "prune", str(dense), "--latency-target", target,
+         "--runtime", "eager", "--latency-batch-size", "1", "--threads", "2", "--data", str(folder()), "--batches",
+         "2", "--batch-size", "8", "--out", str(work / f"latency-{target}.pt"), "--json")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["chain", "cifar"])
+    parser.add_argument("step", choices=["chain", "cifar", "latency"])
     parser.add_argument("--data", default="../shared/data", help="cifar: the JPEG CIFAR-10")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     if args.step == "chain":
         for arch in CHAIN:
             chain(arch)
+    elif args.step == "latency":
+        for arch in LATENCY:
+            latency(arch)
     else:
         cifar(args.data)
     print(f"logged in {LOG}", file=sys.stderr)

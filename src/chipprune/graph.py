@@ -134,7 +134,7 @@ def prune_to_latency(
 ) -> tuple[nn.Module, Report]:
     """A pruned copy of `model` that runs in at most `latency_target` × the dense model's time as `runner` measures
     it (chipprune.latency), and how it went. `cache`: the folder of the latency tables (default CHIP_CACHE_DIR);
-    `progress`: a bar over the groups whose table entries are measured, and a line per whole-model check."""
+    `progress`: a bar while the table's entries are measured, and a line per whole-model check, on stderr."""
     if not 0 < latency_target <= 1:
         raise ValueError(f"latency_target is the fraction of the latency to keep, in (0, 1], got {latency_target}")
     names = {m: n for n, m in model.named_modules()}
@@ -147,13 +147,16 @@ def prune_to_latency(
     dense = runner.time(model, sample)
     orders = [units for units, _ in order]
     choice = latency.Choice.start(analysis.groups, analysis.costs, layers, table, orders, dense.median_ms)
-    bar = tqdm(range(len(analysis.groups)), desc="latency table", unit="group", disable=not progress)
-    stops = [latency.fast_counts(choice, g) for g in bar]
-    # The search is on the aim, a fraction of the dense model's predicted time: each round chooses from the dense
-    # model anew and corrects the aim by how far the measured ratio missed the middle of the band.
-    aim, tried, seen = latency_target, list[latency.Trial](), set[tuple[int, ...]]()
+    # The search is on the fraction of every group's units removed, measured: the table's prediction gives the
+    # first and, until the target is bracketed, the next (its aim corrected by how far the last one missed); once a
+    # fraction above and one below the target are measured, the next is interpolated between them.
+    middle = (1 + latency.BAND) / 2 * latency_target
+    fraction = latency.fraction_for(choice, latency_target * dense.median_ms, progress)
+    slow: tuple[float, float] | None = None  # (fraction, ratio) of the nearest measured above the target
+    fast: tuple[float, float] | None = None  # and below it
+    tried, seen = list[latency.Trial](), set[tuple[int, ...]]()
     for _ in range(latency.ROUNDS):
-        latency.choose(choice, aim * dense.median_ms, stops)
+        latency.choose(choice, fraction)
         if tuple(choice.removed) in seen:
             break  # the correction led back to a choice already measured
         seen.add(tuple(choice.removed))
@@ -163,14 +166,23 @@ def prune_to_latency(
         tried.append(trial)
         if progress:
             tqdm.write(
-                f"round {len(tried)}: {trial.ratio:.3f}x the dense latency, measured ({latency_target} asked)",
+                f"round {len(tried)}: {fraction:.3f} of the channels removed, {trial.ratio:.3f}x the dense latency "
+                f"measured ({latency_target} asked)",
                 file=sys.stderr,
             )
         if latency.BAND * latency_target <= trial.ratio <= latency_target:
             break
-        if trial.ratio > latency_target and choice.predict() > aim * dense.median_ms:
-            break  # no group can give more
-        aim *= (1 + latency.BAND) / 2 * latency_target / trial.ratio
+        if trial.ratio > latency_target:
+            if fraction >= 1:
+                break  # no group can give more
+            slow = (fraction, trial.ratio) if slow is None or fraction > slow[0] else slow
+        else:
+            fast = (fraction, trial.ratio) if fast is None or fraction < fast[0] else fast
+        if slow and fast:
+            (f0, r0), (f1, r1) = slow, fast
+            fraction = f0 + (r0 - middle) / (r0 - r1) * (f1 - f0)
+        else:
+            fraction = latency.fraction_for(choice, trial.predicted_ms * middle / trial.ratio)
     met = [t for t in tried if t.ratio <= latency_target]
     best = max(met, key=lambda t: t.ratio) if met else min(tried, key=lambda t: t.ratio)
     table.save()
