@@ -7,8 +7,9 @@ Configurations, each made with the documented `chip prune`: paper-1 (`--sparsity
 --round-to 8`, and `--latency-target TARGET --runtime RUNTIME --latency-batch-size B` for each batch size B. Each
 is timed on the runtime at every batch size in this one run, side by side (their runs alternate in blocks; median
 of --repeats, with the spread), with its FLOPs and params, and its top-1 on the test split right after pruning, after
-BatchNorm re-estimation (`--recalibrate-bn 4`) and after the same short distilled fine-tune (`chip finetune
---teacher parent --epochs 1 --train-subset 10000`). Ratios are against the dense model at the same batch size."""
+BatchNorm re-estimation (as `--recalibrate-bn 4`, on the same model) and after the same short distilled fine-tune
+(`chip finetune --teacher parent --epochs 1 --train-subset 10000`). Ratios are against the dense model at the same
+batch size."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from chipprune.calibrate import recalibrate_bn
+from chipprune.data import load_split
 from chipprune.latency import Runner
 from chipprune.modelfile import load_model
 from chipprune.profile import count_flops, count_params
@@ -30,6 +33,16 @@ def chip(*args: str) -> dict:
     if proc.returncode:
         sys.exit(f"chip {' '.join(args)} failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout)
+
+
+def recalibrated(model: Path, out: Path, data: str) -> None:
+    """The pruned model with its BatchNorm statistics re-estimated as `chip prune --recalibrate-bn 4` does it (4
+    batches of 128 training images, seed 1), on this very model: a latency search, run twice, need not choose the
+    same channels twice."""
+    mf = load_model(model)
+    stream = mf.batches(load_split(data, "train"), 128, shuffle=True, seed=1, limit=4 * 128)
+    recalibrate_bn(mf.model, stream)
+    mf.save(out)
 
 
 def finetuned_top1(model: Path, parent: str, data: str, folder: Path) -> float:
@@ -81,7 +94,7 @@ def main() -> None:
     for name, how in configs.items():
         out = folder / f"{len(rows)}.pt"
         pruned = chip("prune", args.model, *how, "--data", args.data, "--out", str(out))
-        chip("prune", args.model, *how, "--data", args.data, "--recalibrate-bn", "4", "--out", str(out) + ".bn.pt")
+        recalibrated(out, Path(str(out) + ".bn.pt"), args.data)
         rows.append({"config": name, "file": out, "pruned": pruned})
     models = [load_model(row["file"]).model for row in rows]
     for b in batches:  # all configurations side by side, their runs alternating in blocks

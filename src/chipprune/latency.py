@@ -9,14 +9,15 @@ latency is measured, never assumed:
   its spread), once: the table is cached on disk (CHIP_CACHE_DIR/latency, one JSON file per runtime, device,
   threads, batch size and machine: processor and library versions; a layer's entry is keyed by its kind, kernel,
   stride, padding, groups, input size and channel counts). Layers of the same shape share entries.
-- **the choice**: every group gives up the same fraction of its channels, the least important by CHIP first; the
-  least fraction is found whose prediction (the layers' entries at their current counts, scaled by the dense model's
-  measured time over its layers' entries) meets the aim. Then groups take back the channels that cost no predicted
-  time, to counts on a grid of at most GRID per group: a count the hardware runs fast can take less time than a
-  smaller one. What the hardware runs fast is read off the table, not assumed to be a multiple of 8.
-- **the check**: the pruned model is built and timed whole, side by side with the dense model. Where the measured
-  ratio is above the target, or more than 5 % below it (over-pruned), the aim is corrected by how far it missed and
-  the choice is made anew, up to ROUNDS times; the least-pruned model that met the target is kept."""
+- **the choice**: every group gives up the same fraction of its channels, the least important by CHIP first, then
+  takes back those the table says cost no time, to counts on a grid of at most GRID per group: a count the hardware
+  runs fast can take less time than a smaller one, and is read off the table, not assumed to be a multiple of 8.
+- **the prediction**: the layers' entries at their current counts, scaled by the dense model's measured time over its
+  layers' entries; bisection finds the least fraction predicted to meet the target.
+- **the search**: each choice is built and timed whole, side by side with the dense model. Until the target is
+  bracketed, the next fraction is the one predicted to correct the last miss; then it is interpolated between the
+  nearest measured above and below. The search ends within [BAND x target, target], when a choice comes back, or
+  after ROUNDS; the least-pruned model that met the target is kept."""
 
 from __future__ import annotations
 
