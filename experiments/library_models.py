@@ -9,7 +9,7 @@ prune to half the FLOPs on a small ImageNet-style folder of random 256x256 JPEGs
 runs/library/); eval; fine-tune one epoch on 32 images; export to ONNX with a dynamic batch; reload the files and
 compare logits. `cifar`: timm:resnet18 with 10 classes at 32 px trained from scratch for one epoch, pruned to half
 its FLOPs with CHIP and fine-tuned one epoch, top-1 on the 10,000 JPEG test images after each step. `latency`: each
-of LATENCY (random weights, the library's 1000 classes) pruned with `--latency-target 0.5 --runtime eager
+of LATENCY (random weights, 4 classes as the random JPEGs) pruned with `--latency-target 0.5 --runtime eager
 --latency-batch-size 1 --threads 2`, scored on the random JPEGs: the latency measured, dense and pruned side by side.
 
 Results go to results/library-models/runs.jsonl; a step already logged is skipped (runs/ holds the files)."""
@@ -136,8 +136,9 @@ def latency(arch: str, target: str = "0.5") -> None:
     """One library model pruned to a latency target in eager PyTorch, batch 1, 2 threads."""
     work = RUNS / arch.replace(":", "-")
     work.mkdir(parents=True, exist_ok=True)
-    dense = work / "dense-1000.pt"
-    step({"arch": arch, "step": "import 1000 classes"}, "import", "--arch", arch, "--out", str(dense))
+    dense = work / "random.pt"
+    step({"arch": arch, "step": "latency import"}, "import", "--arch", arch, "--model-kwargs", '{"num_classes": 4}',
+         "--out", str(dense))  # fmt: skip
     step({"arch": arch, "step": f"latency {target} eager b1"}, "prune", str(dense), "--latency-target", target,
          "--runtime", "eager", "--latency-batch-size", "1", "--threads", "2", "--data", str(folder()), "--batches",
          "2", "--batch-size", "8", "--out", str(work / f"latency-{target}.pt"), "--json")  # fmt: skip

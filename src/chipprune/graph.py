@@ -147,16 +147,17 @@ def prune_to_latency(
     dense = runner.time(model, sample)
     orders = [units for units, _ in order]
     choice = latency.Choice.start(analysis.groups, analysis.costs, layers, table, orders, dense.median_ms)
-    # The search is on the fraction of every group's units removed, measured: the table's prediction gives the
-    # first and, until the target is bracketed, the next (its aim corrected by how far the last one missed); once a
-    # fraction above and one below the target are measured, the next is interpolated between them.
+    # The search is on the aim, in the table's predicted milliseconds, measured: the target first; until it is
+    # bracketed, the last prediction corrected by how far the measured ratio missed the band's middle; once a choice
+    # above and one below the target are measured, the aim is interpolated between their predictions.
     middle = (1 + latency.BAND) / 2 * latency_target
-    fraction = latency.fraction_for(choice, latency_target * dense.median_ms, progress)
-    slow: tuple[float, float] | None = None  # (fraction, ratio) of the nearest measured above the target
-    fast: tuple[float, float] | None = None  # and below it
+    aim = latency_target * dense.median_ms
+    slow: latency.Trial | None = None  # the nearest measured above the target
+    fast: latency.Trial | None = None  # and below it
     tried, seen = list[latency.Trial](), set[tuple[int, ...]]()
     for _ in range(latency.ROUNDS):
-        latency.choose(choice, fraction)
+        fraction = latency.fraction_for(choice, aim, progress and not tried)
+        latency.choose(choice, fraction, aim)
         if tuple(choice.removed) in seen:
             break  # the correction led back to a choice already measured
         seen.add(tuple(choice.removed))
@@ -166,8 +167,8 @@ def prune_to_latency(
         tried.append(trial)
         if progress:
             tqdm.write(
-                f"round {len(tried)}: {fraction:.3f} of the channels removed, {trial.ratio:.3f}x the dense latency "
-                f"measured ({latency_target} asked)",
+                f"round {len(tried)}: {trial.ratio:.3f}x the dense latency measured, "
+                f"{trial.predicted_ms / dense.median_ms:.3f}x predicted ({latency_target} asked)",
                 file=sys.stderr,
             )
         if latency.BAND * latency_target <= trial.ratio <= latency_target:
@@ -175,14 +176,15 @@ def prune_to_latency(
         if trial.ratio > latency_target:
             if fraction >= 1:
                 break  # no group can give more
-            slow = (fraction, trial.ratio) if slow is None or fraction > slow[0] else slow
+            slow = trial if slow is None or trial.ratio < slow.ratio else slow
         else:
-            fast = (fraction, trial.ratio) if fast is None or fraction < fast[0] else fast
+            fast = trial if fast is None or trial.ratio > fast.ratio else fast
         if slow and fast:
-            (f0, r0), (f1, r1) = slow, fast
-            fraction = f0 + (r0 - middle) / (r0 - r1) * (f1 - f0)
+            aim = slow.predicted_ms + (slow.ratio - middle) / (slow.ratio - fast.ratio) * (
+                fast.predicted_ms - slow.predicted_ms
+            )
         else:
-            fraction = latency.fraction_for(choice, trial.predicted_ms * middle / trial.ratio)
+            aim = trial.predicted_ms * middle / trial.ratio
     met = [t for t in tried if t.ratio <= latency_target]
     best = max(met, key=lambda t: t.ratio) if met else min(tried, key=lambda t: t.ratio)
     table.save()

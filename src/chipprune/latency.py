@@ -10,8 +10,9 @@ latency is measured, never assumed:
   threads, batch size and machine: processor and library versions; a layer's entry is keyed by its kind, kernel,
   stride, padding, groups, input size and channel counts). Layers of the same shape share entries.
 - **the choice**: every group gives up the same fraction of its channels, the least important by CHIP first, then
-  takes back those the table says cost no time, to counts on a grid of at most GRID per group: a count the hardware
-  runs fast can take less time than a smaller one, and is read off the table, not assumed to be a multiple of 8.
+  groups take channels back (a unit, an aligned count or a part of those removed at a time), the cheapest per unit
+  first, while the prediction still meets the aim: a count the hardware runs fast can take less time than a smaller
+  one and goes first; which counts those are is read off the table, not assumed.
 - **the prediction**: the layers' entries at their current counts, scaled by the dense model's measured time over its
   layers' entries; bisection finds the least fraction predicted to meet the target.
 - **the search**: each choice is built and timed whole, side by side with the dense model. Until the target is
@@ -45,7 +46,8 @@ from .fileio import atomic_write, cache_root
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
 ROUNDS = 5  # whole-model checks at most
-GRID = 16  # channel counts tried per group: every unit count up to it, else GRID evenly spaced ones
+REFINE = 4  # bisection steps with the channels given back, below the uniform fraction found
+ALIGNMENTS = (2, 4, 8, 16, 32)  # kept counts a group tries rounding up to, besides one more and parts of the removed
 BISECTIONS = 20  # halvings of the fraction removed: 1e-6 of a group, below one channel in any model
 BLOCK = 10  # timed runs of one module in a row, when several are timed side by side
 BAND = 0.95  # a measured latency within [BAND x target, target] ends the search; below it, the choice backs off
@@ -283,7 +285,7 @@ class Report(NamedTuple):
 
 @dataclass
 class Choice:
-    """The greedy choice: units removed per group, and what the table predicts for it."""
+    """A choice of channels to remove: units removed per group, and what the table predicts for it."""
 
     groups: list[Group]
     costs: list[Cost]
@@ -361,34 +363,34 @@ class Choice:
         return total
 
 
-def grid(units: int) -> list[int]:
-    """The units-removed counts a group of `units` is tried at: every count up to GRID units, else GRID evenly spaced
-    ones (never all: a group keeps one unit)."""
-    step = max(1, units // GRID)
-    return sorted({n for n in range(0, units, step)} | ({units - 1} if units > 1 else set()))
-
-
 def fraction_for(choice: Choice, goal_ms: float, progress: bool = False) -> float:
-    """The least fraction of every group's units whose choice the table predicts at `goal_ms` or less (bisection;
-    1 where none does). One fraction for all: CHIP scores rank the channels of a layer, not layers against each
-    other (ResNet-56, onnxruntime, batch 64, 0.5x: a greedy choice by score lost per ms saved left stage 1 with 3 of
-    16 channels, 11.4 % top-1 after BatchNorm re-estimation, against 51.4 % for the FLOPs-matched uniform pruning)."""
+    """The least fraction of every group's units whose choice the table predicts at `goal_ms` or less (1 where none
+    does): bisection on the uniform removal, then a few steps below it with the channels given back, which only
+    make a choice faster (each give-back measures the counts it tries: REFINE of them, not BISECTIONS). One fraction
+    for all: CHIP scores rank the channels of a layer, not layers against each other (ResNet-56, onnxruntime, batch
+    64, 0.5x: a greedy choice by score lost per ms saved left stage 1 with 3 of 16 channels, 11.4 % top-1 after
+    BatchNorm re-estimation, against 51.4 % for the FLOPs-matched uniform pruning)."""
+    bar = tqdm(total=BISECTIONS + REFINE, desc="latency table", unit="step", disable=not progress)
     low, high = 0.0, 1.0
-    # The first search measures the table's entries as it reaches them: the long part, hence the bar.
-    for _ in tqdm(range(BISECTIONS), desc="latency table", unit="step", disable=not progress):
-        middle = (low + high) / 2
-        choose(choice, middle)
-        if choice.predict() <= goal_ms:
-            high = middle
-        else:
-            low = middle
+    for steps, given_back in ((BISECTIONS, False), (REFINE, True)):
+        low = 0.0
+        for _ in range(steps):
+            middle = (low + high) / 2
+            choose(choice, middle, goal_ms) if given_back else _uniform(choice, middle)
+            if choice.predict() <= goal_ms:
+                high = middle
+            else:
+                low = middle
+            bar.update()
+    bar.close()
     return high
 
 
-def choose(choice: Choice, fraction: float) -> None:
-    """Every group gives up `fraction` of its units, then takes back those the table says cost no time."""
+def choose(choice: Choice, fraction: float, goal_ms: float) -> None:
+    """Every group gives up `fraction` of its units, then takes back units while the table predicts `goal_ms` or
+    less, or no time added."""
     _uniform(choice, fraction)
-    _give_back(choice)
+    _give_back(choice, goal_ms)
 
 
 def _uniform(choice: Choice, fraction: float) -> None:
@@ -400,22 +402,28 @@ def _uniform(choice: Choice, fraction: float) -> None:
             choice.set(g, n)
 
 
-def _give_back(choice: Choice) -> None:
-    """Return units the table says cost no time, to grid counts, the one saving the most per unit first: a count the
-    hardware runs fast can take less time than a smaller one (onnxruntime, batch 64: a 3x3 conv from 16 to 16
-    channels at 32x32 took 1.9 ms, to 8 channels 2.8 ms). Only these: the table's entries, timed alone, are not the
-    model (they predicted 0.34x the dense time for a pruned ResNet-56 that ran at 0.49x), so slack is left to the
-    whole-model check."""
+def _returns(units: int, removed: int) -> set[int]:
+    """The smaller removals a group tries: one unit fewer, the kept count rounded up to a multiple of 2, 4, ... 32
+    (SIMD widths are powers of two; the table says which, if any, pays), or 1/4, 1/2, 3/4 or all of the removed."""
+    kept = units - removed
+    counts = {kept + 1, *(-(-kept // a) * a for a in ALIGNMENTS), *(kept + removed * k // 4 for k in range(1, 5))}
+    return {units - c for c in counts if kept < c <= units}
+
+
+def _give_back(choice: Choice, goal_ms: float) -> None:
+    """Return units, to the counts _returns tries (each a table entry per layer it touches), the one adding the least
+    predicted time per unit first, while the prediction stays at `goal_ms` or less, or does not grow. A count the
+    hardware runs fast can take less time than a smaller one (onnxruntime, batch 64: a 3x3 conv from 16 to 16 channels
+    at 32x32 took 1.9 ms, to 8 channels 2.8 ms): those returns go first. One fraction for all groups moves in coarse
+    steps; this spends what is left of the goal group by group."""
     current = choice.predict()
     while True:
         best: tuple[float, int, int, float] | None = None  # (ms added per unit returned, group, count, ms)
-        for g, group in enumerate(choice.groups):
-            for n in grid(len(group.units)):
-                if n >= choice.removed[g]:
-                    break
+        for g, removed in enumerate(choice.removed):
+            for n in _returns(len(choice.groups[g].units), removed):
                 ms = choice.predict(g, n)
                 rate = (ms - current) / (choice.removed[g] - n)
-                if ms <= current and (best is None or rate < best[0]):
+                if ms <= max(goal_ms, current) and (best is None or rate < best[0]):
                     best = (rate, g, n, ms)
         if best is None:
             return
