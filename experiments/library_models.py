@@ -2,7 +2,7 @@
 
     python experiments/library_models.py chain   # resnet50, efficientnet_b0, convnext_atto at 224 px on random images
     python experiments/library_models.py cifar   # timm:resnet18 at 32 px on ../shared/data: train, prune, fine-tune
-    python experiments/library_models.py latency # resnet50, mobilenetv3, efficientnet_b0 at 224 px: --latency-target
+    python experiments/library_models.py latency # resnet50, mobilenetv3 at 224 px: --latency-target
 
 `chain`, per model: import with random weights, then a state dict saved from the library and re-imported; profile;
 prune to half the FLOPs on a small ImageNet-style folder of random 256x256 JPEGs (4 classes, written once under
@@ -27,7 +27,7 @@ from reproduce import append, chip, logged, metrics
 RUNS = Path("runs/library")
 LOG = Path("results/library-models/runs.jsonl")
 CHAIN = ["torchvision:resnet50", "timm:efficientnet_b0", "timm:convnext_atto"]
-LATENCY = ["torchvision:resnet50", "timm:mobilenetv3_large_100", "timm:efficientnet_b0"]
+LATENCY = ["torchvision:resnet50", "timm:mobilenetv3_large_100"]
 
 
 def folder() -> Path:

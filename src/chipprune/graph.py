@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import linecache
 import sys
 import traceback
@@ -147,13 +148,12 @@ def prune_to_latency(
     dense = runner.time(model, sample)
     orders = [units for units, _ in order]
     choice = latency.Choice.start(analysis.groups, analysis.costs, layers, table, orders, dense.median_ms)
-    # The search is on the aim, in the table's predicted milliseconds, measured: the target first; until it is
-    # bracketed, the last prediction corrected by how far the measured ratio missed the band's middle; once a choice
-    # above and one below the target are measured, the aim is interpolated between their predictions.
+    # The search is on the aim, in the table's predicted milliseconds, measured: the target first, then the aim that a
+    # line through the measured ratios against the predicted ones puts at the band's middle (a line, not the last
+    # two points: a 20 ms model timed on 2 shared cores varied by 10 % from one check to the next).
     middle = (1 + latency.BAND) / 2 * latency_target
     aim = latency_target * dense.median_ms
-    slow: latency.Trial | None = None  # the nearest measured above the target
-    fast: latency.Trial | None = None  # and below it
+    check = dataclasses.replace(runner, repeats=latency.CHECKS * runner.repeats)
     tried, seen = list[latency.Trial](), set[tuple[int, ...]]()
     for _ in range(latency.ROUNDS):
         fraction = latency.fraction_for(choice, aim, progress and not tried)
@@ -162,7 +162,7 @@ def prune_to_latency(
             break  # the correction led back to a choice already measured
         seen.add(tuple(choice.removed))
         pruned = _checked(model, example_inputs, analysis, choice.cut())
-        base, measured = runner.times([model, pruned], sample)
+        base, measured = check.times([model, pruned], sample)
         trial = latency.Trial(measured.median_ms / base.median_ms, base, measured, choice.predict(), pruned)
         tried.append(trial)
         if progress:
@@ -173,18 +173,9 @@ def prune_to_latency(
             )
         if latency.BAND * latency_target <= trial.ratio <= latency_target:
             break
-        if trial.ratio > latency_target:
-            if fraction >= 1:
-                break  # no group can give more
-            slow = trial if slow is None or trial.ratio < slow.ratio else slow
-        else:
-            fast = trial if fast is None or trial.ratio > fast.ratio else fast
-        if slow and fast:
-            aim = slow.predicted_ms + (slow.ratio - middle) / (slow.ratio - fast.ratio) * (
-                fast.predicted_ms - slow.predicted_ms
-            )
-        else:
-            aim = trial.predicted_ms * middle / trial.ratio
+        if trial.ratio > latency_target and fraction >= 1:
+            break  # no group can give more
+        aim = latency.next_aim(tried, dense.median_ms, middle)
     met = [t for t in tried if t.ratio <= latency_target]
     best = max(met, key=lambda t: t.ratio) if met else min(tried, key=lambda t: t.ratio)
     table.save()

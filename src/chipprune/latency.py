@@ -50,6 +50,7 @@ REFINE = 4  # bisection steps with the channels given back, below the uniform fr
 ALIGNMENTS = (2, 4, 8, 16, 32)  # kept counts a group tries rounding up to, besides one more and parts of the removed
 BISECTIONS = 20  # halvings of the fraction removed: 1e-6 of a group, below one channel in any model
 BLOCK = 10  # timed runs of one module in a row, when several are timed side by side
+CHECKS = 3  # a whole-model check times CHECKS x --repeats runs of each model: it decides, and is noisier than a layer
 BAND = 0.95  # a measured latency within [BAND x target, target] ends the search; below it, the choice backs off
 
 
@@ -361,6 +362,18 @@ class Choice:
                 self.counts[key] = {s: len(idxs) for s, idxs in chosen.items()}
             total += self.counts[key].get(space, 0)
         return total
+
+
+def next_aim(tried: list[Trial], dense_ms: float, ratio: float) -> float:
+    """The predicted milliseconds at which the measured ratio should be `ratio`: on the least-squares line through
+    the trials' (predicted, measured) ratios where it rises, else by the last trial's proportion."""
+    xs = [t.predicted_ms / dense_ms for t in tried]
+    ys = [t.ratio for t in tried]
+    if len(set(xs)) > 1:
+        slope, intercept = statistics.linear_regression(xs, ys)
+        if slope > 0:
+            return dense_ms * (ratio - intercept) / slope
+    return tried[-1].predicted_ms * ratio / tried[-1].ratio
 
 
 def fraction_for(choice: Choice, goal_ms: float, progress: bool = False) -> float:
