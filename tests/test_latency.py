@@ -145,3 +145,14 @@ def test_chip_prune_latency_target_on_a_registry_model(capsys, workdir, tmp_path
     code, _, err = run(capsys, "prune", workdir / "r20.pt", "--latency-target", "0.7", "--round-to", "8",
                        "--out", tmp_path / "x.pt")  # fmt: skip
     assert code == 2 and "do not apply to --latency-target" in err
+
+
+def test_the_next_aim_is_where_a_line_through_the_checks_meets_the_ratio():
+    def check(predicted: float, ratio: float) -> latency.Trial:  # against a dense model of 10 ms
+        return latency.Trial(ratio, None, None, 10 * predicted, None)
+
+    assert latency.next_aim([check(0.5, 0.6)], 10, 0.48) == pytest.approx(10 * 0.5 * 0.48 / 0.6)  # one: proportion
+    line = [check(0.3, 0.41), check(0.5, 0.6), check(0.4, 0.49)]  # noisy about ratio = 0.1 + predicted
+    assert latency.next_aim(line, 10, 0.45) == pytest.approx(10 * (0.45 - 0.1), abs=0.2)
+    falling = [check(0.3, 0.6), check(0.5, 0.4)]  # noise can make a line fall: then the last check's proportion
+    assert latency.next_aim(falling, 10, 0.45) == pytest.approx(10 * 0.5 * 0.45 / 0.4)
