@@ -156,3 +156,5 @@ def test_the_next_aim_is_where_a_line_through_the_checks_meets_the_ratio():
     assert latency.next_aim(line, 10, 0.45) == pytest.approx(10 * (0.45 - 0.1), abs=0.2)
     falling = [check(0.3, 0.6), check(0.5, 0.4)]  # noise can make a line fall: then the last check's proportion
     assert latency.next_aim(falling, 10, 0.45) == pytest.approx(10 * 0.5 * 0.45 / 0.4)
+    slow = [check(0.5, 0.9), check(0.45, 0.85)]  # all above: at most halved per check, however steep the line
+    assert latency.next_aim(slow, 10, 0.45) == pytest.approx(10 * 0.45 / 2)
