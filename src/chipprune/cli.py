@@ -197,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=_positive, help="with --latency-target: CPU threads (default: torch's)")
     p.add_argument(
-        "--repeats", type=_positive, default=20, help="with --latency-target: timed runs per measurement, after 3"
+        "--repeats",
+        type=_positive,
+        default=20,
+        help="with --latency-target: timed runs per table entry, after 3 warm-up runs (3x that per whole-model check)",
     )
     p.add_argument(
         "--global",
