@@ -11,7 +11,8 @@
     python experiments/reproduce.py latency [--threads 1,2]    # CPU latency, batch 1 and 64 (run on a quiet machine)
     python experiments/reproduce.py no-finetune                # stage a from the public weights, not the adapted base
     python experiments/reproduce.py knobs                      # distillation (A, T) and bf16 vs fp32, 1-epoch recovery
-    python experiments/reproduce.py recovery [--deadline HH:MM] # CHIP vs L1/HRank/random after 5 distilled epochs
+
+The recovery study (5 epochs over all training images, the matrix of issue 25) is experiments/recovery.py.
 
 Every step calls the documented `chip` commands through subprocess (with OMP_NUM_THREADS=1 unless set), appends one
 JSON line per result to results/reproduce/*.jsonl (with the command lines and wall seconds), and skips results
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from chipprune.models import ARCHS
 
@@ -67,31 +68,6 @@ RECOVERY = Path("results/recovery")
 KNOB_ARGS = ["--preset", "paper-cifar", "--epochs", "1", "--warmup-epochs", "0", "--train-subset", "10000"]
 KD_GRID = [(0.5, 2.0), (0.5, 4.0), (0.9, 2.0), (0.9, 4.0)]  # (--kd-weight, --kd-temperature)
 SEEDS = (0, 1, 2)
-# The recovery study: the public ResNet-56 adapted for PARENT_EPOCHS epochs is the parent of every pruned model and
-# their teacher; every model then gets the same budget, RECOVERY_EPOCHS epochs over all 50,000 training images.
-PARENT = RUNS / "recovery" / "parent" / "best.pt"
-PARENT_ARGS = ["--preset", "paper-cifar", "--epochs", "3", "--warmup-epochs", "0", "--lr", "0.01", "--seed", "0"]
-RECOVERY_ARGS = ["--preset", "paper-cifar", "--epochs", "5", "--warmup-epochs", "0"]
-
-
-class Study(NamedTuple):
-    """One pruned model of the recovery study and how it recovers."""
-
-    criterion: str  # chip, l1, hrank, random; "parent" for the control (the parent fine-tuned the same way)
-    seed: int  # calibration images and fine-tuning order (chip, hrank); the selection too (random)
-    round_to: int | None = None
-    distilled: bool = True
-
-
-# In order of importance: a run logged is skipped, so a later session goes on with the next.
-STUDY = [
-    *(Study(c, 0) for c in ("chip", "l1")),
-    Study("parent", 0),
-    *(Study(c, 0) for c in ("hrank", "random")),
-    *(Study(c, 1) for c in ("chip", "l1", "hrank", "random")),
-    *(Study(c, 0, round_to=8) for c in ("chip", "l1")),
-    *(Study(c, 0, distilled=False) for c in ("chip", "l1")),
-]
 CALIB_SIZES = {16: (1, 16), 64: (1, 64), 128: (1, 128), 640: (5, 128), 2560: (20, 128)}  # N: (batches, batch size)
 CALIB_SEEDS = (0, 1)
 CALIB_CONFIGS = ("paper-1", "inner-only")
@@ -449,62 +425,6 @@ def step_knobs(ctx: Ctx) -> None:
                      "images_per_s": m["images_per_s"], "wall_s": wall, "commands": [line]})  # fmt: skip
 
 
-def step_recovery(ctx: Ctx) -> None:
-    """The recovery study: CHIP against L1, HRank and random after a real fine-tuning budget (STUDY, in order)."""
-    log = RECOVERY / "runs.jsonl"
-    if not PARENT.exists() or not logged(log, stage="parent"):
-        ctx.check()
-        m, wall, line = finetune(imported("resnet56", ctx), PARENT.parent, ctx, PARENT_ARGS)
-        if not logged(log, stage="parent"):
-            append(log, {"stage": "parent", "top1": m["test_top1"], "epochs": m["epoch"], "wall_s": wall,
-                         "metrics": metrics(PARENT.parent), "commands": [line]})  # fmt: skip
-    for study in STUDY:
-        key = study._asdict()
-        if study.criterion != "parent":
-            for stage in ("pruned", "bn"):
-                if not logged(log, **key, stage=stage):
-                    ctx.check()
-                    append(log, {**key, "stage": stage, **study_prune(study, stage, ctx)})
-        if not logged(log, **key, stage="recovered"):
-            ctx.check()
-            model = PARENT if study.criterion == "parent" else study_model(study, "pruned")
-            if not model.exists():
-                study_prune(study, "pruned", ctx)
-            run_dir = RUNS / "recovery" / "ft" / study_name(study)
-            teacher = ["--teacher", str(PARENT)] if study.distilled else []
-            _, wall, line = finetune(model, run_dir, ctx, [*RECOVERY_ARGS, "--seed", str(study.seed), *teacher])
-            append(log, {**key, "stage": "recovered", "metrics": metrics(run_dir), "wall_s": wall, "commands": [line]})
-
-
-def study_name(study: Study) -> str:
-    """A file name for a study's models and run folder."""
-    return (
-        f"{study.criterion}-s{study.seed}"
-        + (f"-r{study.round_to}" if study.round_to else "")
-        + ("" if study.distilled else "-ce")
-    )
-
-
-def study_model(study: Study, stage: str) -> Path:
-    """The pruned model of a study, right after pruning or with BatchNorm re-estimated."""
-    return RUNS / "recovery" / "models" / f"{study_name(study)}-{stage}.pt"
-
-
-def study_prune(study: Study, stage: str, ctx: Ctx) -> dict[str, Any]:
-    """Prune the parent for a study (stage bn: with BatchNorm re-estimated) and evaluate it: sizes, top-1, commands."""
-    out = study_model(study, stage)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    extra = ["--round-to", str(study.round_to)] if study.round_to else []
-    extra += ["--recalibrate-bn", str(RECAL_BATCHES)] if stage == "bn" else []
-    calibration = ["--data", ctx.data] if study.criterion in ACTIVATION or stage == "bn" else []
-    how = ["--sparsity", CONFIGS["paper-1"], "--criterion", study.criterion, "--seed", str(study.seed)]
-    pruned, wall_p, line_p = chip("prune", str(PARENT), *how, *calibration, *extra, "--out", str(out), "--json")
-    assert pruned is not None
-    r, wall_e, line_e = evaluate(out, ctx)
-    return {"top1": r["top1"], "top5": r["top5"], **sizes(pruned), "wall_s": wall_p + wall_e,
-            "commands": [line_p, line_e]}  # fmt: skip
-
-
 def step_calibration(ctx: Ctx) -> None:
     """CHIP with N calibration images (seeds 0, 1): top-1 right after pruning and after --recalibrate-bn 4."""
     need(BASE, "baseline")
@@ -765,7 +685,6 @@ def main() -> None:
             "latency",
             "no-finetune",
             "knobs",
-            "recovery",
             "all",
         ],
     )
@@ -790,7 +709,6 @@ def main() -> None:
         "latency": lambda: step_latency(ctx, [int(t) for t in args.threads.split(",")], args.repeats),
         "no-finetune": lambda: step_no_finetune(ctx),
         "knobs": lambda: step_knobs(ctx),
-        "recovery": lambda: step_recovery(ctx),
         "all": lambda: step_all(ctx, args),
     }
     try:
