@@ -311,7 +311,7 @@ def test_an_input_size_beyond_what_a_file_holds_is_refused(capsys, tmp_path, siz
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("act", external.ARGUMENTS["act_layer"].takes.removeprefix("one of ").split(", "))
+@pytest.mark.parametrize("act", external.ACTIVATIONS)
 def test_every_activation_model_kwargs_take_builds_a_timm_model(act):
     source = external.parse("timm:resnet18", {"num_classes": 2, "act_layer": act})
     assert external.build(source).eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
@@ -400,7 +400,8 @@ ATTRIBUTES = {
 @pytest.mark.parametrize("case", list(ATTRIBUTES))
 def test_a_recorded_attribute_must_be_what_pruning_makes(capsys, tmp_path, workdir, library, case):
     path = write(changed(library[1], ATTRIBUTES[case]), tmp_path / "m.pt")
-    refused(capsys, tmp_path, workdir, path, "profile", "damaged model file" if case == "attributes-list" else "")
+    wanted = "invalid 'structure'" if case == "attributes-list" else "its structure does not fit"
+    refused(capsys, tmp_path, workdir, path, "profile", wanted)
 
 
 def call(kind, value):

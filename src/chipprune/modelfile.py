@@ -210,8 +210,11 @@ def _check_inflation(path: Path, what: str) -> None:
         return
     size = path.stat().st_size
     if inflated > size:
+        foreign = _foreign(path, what)  # a TorchScript archive, whose code is compressed, says what it is
         raise ModelFileError(
-            f"{path}: cannot be read safely as a {what}: its archive inflates to {size_text(inflated)} from "
+            f"{path} is {foreign}"
+            if foreign
+            else f"{path}: cannot be read safely as a {what}: its archive inflates to {size_text(inflated)} from "
             f"{size_text(size)} (torch.save stores its members as they are)"
         )
 

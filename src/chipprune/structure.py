@@ -174,9 +174,9 @@ def _prunable(value: Any, built: Any) -> bool:
 
 
 def shown(value: Any) -> str:
-    """A value from a file as a refusal quotes it: cut short, a container by its size (it may be nested beyond what
-    repr takes)."""
-    if isinstance(value, list | tuple | dict):
+    """A value from a file as a refusal quotes it: cut short; a container of other than plain data a few levels deep
+    by its size (it may be nested beyond what repr takes)."""
+    if isinstance(value, list | tuple | dict) and not is_plain(value, depth=4):
         return f"a {type(value).__name__} of {len(value)}"
     text = repr(value)
     return text if len(text) <= 40 else text[:39] + "…"
