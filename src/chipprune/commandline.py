@@ -114,14 +114,25 @@ def arch(text: str) -> str:
 
 
 def model_kwargs(text: str) -> dict[str, Any]:
-    """A JSON object of constructor arguments, as '{"num_classes": 10}'."""
+    """A JSON object of constructor arguments, as '{"num_classes": 10}', each one a model file may hold
+    (models.external.check_kwargs, which checks a model file's too)."""
+    from .models import external
+
+    def refuse(constant: str) -> NoReturn:
+        raise ValueError(f"{constant} is not a number JSON has")
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise argparse.ArgumentTypeError("not JSON this reads: nested too deeply") from None
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object of constructor arguments, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"expected a JSON object of constructor arguments, got {text[:40]!r}")
+    try:
+        return external.check_kwargs(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def opset(text: str) -> int:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import structure
 from .data import ImageSplit, batches
-from .fileio import atomic_write, kind, load_reason, reason, save_torch
+from .fileio import atomic_write, kind, load_reason, reason, save_torch, size_text
 from .models import ARCHS, RegistryModel, create_model, external, get_arch
 from .models.resnet_cifar import ChannelShortcut
 
@@ -129,7 +129,7 @@ class ModelFile:
             "classes": list(self.classes),
             "meta": self.meta,
             **self._structure(),
-            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "state_dict": _unshared(self.model.state_dict()),
         }
         if training is not None:
             payload["training"] = training
@@ -156,6 +156,21 @@ class ModelFile:
         }
 
 
+def _unshared(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors of a state dict on the CPU, each with memory of its own: safetensors refuses tensors that share it
+    (a graph-pruned ResNet's shortcut maps, src and dst, are one tensor where they are the same map)."""
+    seen: set[int] = set()
+    tensors = {}
+    for key, value in state.items():
+        tensor = value.detach().cpu()
+        address = tensor.untyped_storage().data_ptr()
+        if (address in seen and tensor.numel() > 0) or not tensor.is_contiguous():
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        seen.add(address)
+        tensors[key] = tensor
+    return tensors
+
+
 def safe_load(path: str | os.PathLike, what: str = "model file") -> Any:
     """torch.load that refuses anything but tensors and plain containers, and any path but a regular file."""
     path = Path(path)
@@ -166,6 +181,7 @@ def safe_load(path: str | os.PathLike, what: str = "model file") -> Any:
         raise ModelFileError(f"{path}: empty file (0 bytes)")
     if path.suffix == ".safetensors":
         return _read_safetensors(path, what)
+    _check_inflation(path, what)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's note on the pickle protocol, before it refuses
@@ -178,6 +194,29 @@ def safe_load(path: str | os.PathLike, what: str = "model file") -> Any:
             f"{path}: cannot be read safely as a weights file: corrupt or truncated, or holding "
             f"objects other than tensors and plain containers ({load_reason(e, path)})"
         ) from None
+
+
+def _check_inflation(path: Path, what: str) -> None:
+    """Refuse, before torch reads it, a zip archive (torch.save's format) whose members hold more than the file: torch
+    stores them as they are, so memory follows the file's size; compressed ones (a 2 MB file of a 1 GB tensor) would
+    be inflated first."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return
+        with zipfile.ZipFile(path) as z:
+            inflated = sum(m.file_size for m in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):  # not an archive Python reads: torch tells what it is
+        return
+    size = path.stat().st_size
+    if inflated > size:
+        foreign = _foreign(path, what)  # a TorchScript archive, whose code is compressed, says what it is
+        raise ModelFileError(
+            f"{path} is {foreign}"
+            if foreign
+            else f"{path}: cannot be read safely as a {what}: its archive inflates to {size_text(inflated)} from "
+            f"{size_text(size)} (torch.save stores its members as they are)"
+        )
 
 
 def _read_safetensors(path: Path, what: str) -> Any:
@@ -270,7 +309,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelFile, dict[str, Any] 
 
 
 def _check_fields(d: dict[str, Any], source: str) -> None:
-    """Raise a ModelFileError naming the first field of a model file dict that is missing or of the wrong kind."""
+    """Raise a ModelFileError naming the first field of a model file dict that is missing or not what chipprune
+    writes there: of another kind, out of range, nested too deep (one validator per field, all applied as the file is
+    read; a library model's structure is checked against its architecture as it is built)."""
 
     def finite(x: object) -> bool:
         try:
@@ -281,6 +322,14 @@ def _check_fields(d: dict[str, Any], source: str) -> None:
     def numbers(v: object) -> bool:
         return isinstance(v, list | tuple) and len(v) == 3 and all(finite(x) for x in v)
 
+    def kwargs(v: object) -> bool:
+        try:
+            external.check_kwargs(v)
+        except ValueError as e:
+            raise ModelFileError(f"{source}: damaged model file: model_kwargs: {e}") from None
+        return True
+
+    library = isinstance(d.get("arch"), str) and external.is_external(d["arch"])
     checks = {
         "arch": lambda v: isinstance(v, str) and (v in ARCHS or external.is_external(v)),
         "widths": lambda v: (
@@ -293,11 +342,24 @@ def _check_fields(d: dict[str, Any], source: str) -> None:
             isinstance(v, list) and len(v) == d.get("num_classes") and all(isinstance(c, str) for c in v)
         ),
         "state_dict": lambda v: isinstance(v, dict) and all(isinstance(t, Tensor) for t in v.values()),
-        "meta": lambda v: isinstance(v, dict),
+        "meta": lambda v: isinstance(v, dict) and structure.is_plain(v, finite=True),
         "training": lambda v: v is None or isinstance(v, dict),
+        # a library model's source and structure
+        "model_kwargs": kwargs,
+        "input_size": lambda v: type(v) is int and 1 <= v <= external.MAX_INPUT_SIZE,
+        "versions": lambda v: (
+            isinstance(v, dict)
+            and len(v) <= len(external.LIBRARIES)
+            and all(isinstance(k, str) and isinstance(x, str) and len(x) <= 64 for k, x in v.items())
+        ),
+        "structure": lambda v: (
+            isinstance(v, dict) and v.keys() == {"attributes", "calls"} and all(isinstance(x, dict) for x in v.values())
+        ),
     }
+    required = {"arch", "num_classes", "mean", "std", "classes", "state_dict"}
+    required |= {"model_kwargs", "input_size", "structure"} if library else set()
     for name, ok in checks.items():
-        if name not in d and name not in ("meta", "training", "widths"):
+        if name not in d and name in required:
             raise ModelFileError(f"{source}: damaged model file: no {name!r}")
         if name in d and not ok(d[name]):
             what = f"unknown architecture {d[name]!r:.40}" if name == "arch" and isinstance(d[name], str) else None
@@ -307,15 +369,18 @@ def _check_fields(d: dict[str, Any], source: str) -> None:
 
 def _library_model(d: dict[str, Any], source: str) -> ModelFile:
     """A library model from a model file's dict (fields checked by _check_fields): built from its source, its
-    recorded structure restored, its tensors assigned with their shapes."""
-    kwargs, size, recorded = d.get("model_kwargs"), d.get("input_size"), d.get("structure")
-    if not isinstance(kwargs, dict) or type(size) is not int or size <= 0 or not isinstance(recorded, dict):
-        raise ModelFileError(f"{source}: damaged model file: no valid model_kwargs, input_size and structure")
+    recorded structure restored and its tensors assigned with their shapes, all checked on the meta device first."""
+    kwargs, size = d["model_kwargs"], d["input_size"]
+    if kwargs.get("num_classes", d["num_classes"]) != d["num_classes"]:
+        raise ModelFileError(
+            f"{source}: damaged model file: model_kwargs: num_classes {kwargs['num_classes']}, where the file has "
+            f"{d['num_classes']} classes"
+        )
     try:
         library_source = external.parse(d["arch"], kwargs)
     except (ValueError, ImportError) as e:
         raise ModelFileError(f"{source}: {e}") from None
-    made_with = (d.get("versions") or {}).get(library_source.library)
+    made_with = d.get("versions", {}).get(library_source.library)
     if made_with != external.version(library_source.library):
         warnings.warn(
             f"{source} was written with {library_source.library} {made_with}, this is "
@@ -325,10 +390,11 @@ def _library_model(d: dict[str, Any], source: str) -> ModelFile:
     bad = next((k for k, v in d["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise ModelFileError(f"{source}: damaged weights: non-finite values (NaN or Inf) in {bad}")
-    model = external.build(library_source)
+    recorded = structure.Structure(d["structure"]["attributes"], d["structure"]["calls"])
     try:
-        structure.restore(model, structure.Structure(recorded["attributes"], recorded["calls"]))
-        structure.assign(model, d["state_dict"])
+        model = structure.rebuild(
+            lambda: external.build(library_source), recorded, d["state_dict"], size, d["num_classes"]
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelFileError(f"{source}: its structure does not fit {d['arch']}: {reason(e)}") from None
     return ModelFile(
@@ -497,6 +563,8 @@ def library_model(
         source = external.parse(arch, model_kwargs)
     except (ValueError, ImportError) as e:
         raise ModelFileError(str(e)) from None
+    if input_size is not None and not 1 <= input_size <= external.MAX_INPUT_SIZE:
+        raise ModelFileError(f"{arch}: an input side from 1 to {external.MAX_INPUT_SIZE} pixels, not {input_size}")
     try:
         model = external.build(source, pretrained)
     except ValueError as e:

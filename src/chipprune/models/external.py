@@ -8,14 +8,103 @@ every CI run; experiments/coverage.py prunes every torchvision builder and these
 from __future__ import annotations
 
 import importlib
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
+from ..structure import shown
+
 LIBRARIES = ("torchvision", "timm")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # mean, std: where a library names none
+MAX_CLASSES = 100_000  # ImageNet-21k, the largest label set these libraries' heads are made for, has 21,843
+MAX_INPUT_SIZE = 4096  # the largest input side a library model may take (timm's largest default is 800)
+
+
+class Argument(NamedTuple):
+    """A constructor argument a model may be built with: the values it takes, in words and as a test."""
+
+    takes: str
+    fits: Callable[[Any], bool]
+
+
+def _integer(lo: int, hi: int) -> Argument:
+    return Argument(f"an integer from {lo} to {hi:,}", lambda v: type(v) is int and lo <= v <= hi)
+
+
+def _number(lo: float, hi: float, *, above: bool = False, below: bool = False) -> Argument:
+    """A finite number in [lo, hi] (`above`: greater than lo; `below`: less than hi)."""
+
+    def fits(v: Any) -> bool:
+        return (
+            type(v) in (int, float)
+            and math.isfinite(v)
+            and (lo < v if above else lo <= v)
+            and (v < hi if below else v <= hi)
+        )
+
+    return Argument(f"a number in {'(' if above else '['}{lo:g}, {hi:g}{')' if below else ']'}", fits)
+
+
+def _one_of(*names: str) -> Argument:
+    return Argument(f"one of {', '.join(names)}", lambda v: type(v) is str and v in names)
+
+
+# fmt: off
+ACTIVATIONS = (  # timm's names of activation layers (timm.layers.get_act_layer)
+    "relu", "relu6", "leaky_relu", "elu", "celu", "selu", "prelu", "gelu", "gelu_tanh", "quick_gelu", "silu", "swish",
+    "mish", "hard_swish", "hard_sigmoid", "hard_mish", "sigmoid", "tanh", "identity",
+)
+# fmt: on
+FLAG = Argument("true or false", lambda v: type(v) is bool)
+FRACTION = _number(0, 1, below=True)
+# What a model file and --model-kwargs may hold: arguments that shape the network, each within the values that
+# build one of bounded size. Never a path, a download or a loader option (pretrained, checkpoint_path,
+# pretrained_cfg, pretrained_cfg_overlay, file, …): a model file names no other file.
+ARGUMENTS: dict[str, Argument] = {
+    "num_classes": _integer(1, MAX_CLASSES),
+    "drop_rate": FRACTION,
+    "drop_path_rate": FRACTION,
+    "drop_block_rate": FRACTION,
+    "dropout": FRACTION,
+    "dropout_aux": FRACTION,
+    "stochastic_depth_prob": FRACTION,
+    "global_pool": _one_of("avg", "max", "avgmax", "catavgmax"),
+    "act_layer": _one_of(*ACTIVATIONS),
+    "aux_logits": FLAG,
+    "transform_input": FLAG,
+    "init_weights": FLAG,
+    "zero_init_residual": FLAG,
+    "memory_efficient": FLAG,
+    "reduced_tail": FLAG,
+    "dilated": FLAG,
+    "replace_stride_with_dilation": Argument(
+        "a list of 3 of true or false", lambda v: type(v) is list and len(v) == 3 and all(type(b) is bool for b in v)
+    ),
+    "width_mult": _number(0, 4, above=True),  # 4x the width: 16x the parameters
+    "groups": _integer(1, 64),
+    "width_per_group": _integer(1, 256),  # torchvision's wide ResNets have 128
+}
+
+
+def check_kwargs(kwargs: Any) -> dict[str, Any]:
+    """`kwargs` if it is a mapping of constructor arguments of ARGUMENTS, each of a value it takes; else a ValueError
+    naming the first that is not."""
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"a mapping of constructor arguments, not a {type(kwargs).__name__}")
+    for name, value in kwargs.items():
+        argument = ARGUMENTS.get(name) if isinstance(name, str) else None
+        if argument is None:
+            raise ValueError(
+                f"{str(name)[:40]!r} is not a constructor argument chipprune passes on (it passes "
+                f"{', '.join(ARGUMENTS)})"
+            )
+        if not argument.fits(value):
+            raise ValueError(f"{name} must be {argument.takes}, not {shown(value)}")
+    return kwargs
 
 
 @dataclass(frozen=True)
@@ -48,11 +137,12 @@ def is_external(arch: str) -> bool:
 
 
 def parse(arch: str, kwargs: dict[str, Any] | None = None) -> Source:
-    """The source `library:name`, or a ValueError saying what is wrong with it."""
+    """The source `library:name` with constructor arguments `kwargs` (checked by check_kwargs), or a ValueError
+    saying what is wrong with it."""
     library, _, name = arch.partition(":")
     if library not in LIBRARIES or not name:
         raise ValueError(f"{arch!r}: a library model is torchvision:NAME or timm:NAME")
-    source = Source(library, name, dict(kwargs or {}))
+    source = Source(library, name, dict(check_kwargs(kwargs or {})))
     if name not in names(library):
         raise ValueError(f"{arch!r}: {library} {version(library)} has no model {name!r}")
     return source
