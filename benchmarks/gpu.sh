@@ -1,34 +1,36 @@
 #!/usr/bin/env bash
-# Every GPU measurement the project still owes, in one call of at most about 8 minutes on one GPU:
+# Every GPU measurement the project still owes, in one call of a few minutes on one GPU, the most important first:
 #
-#   bash benchmarks/gpu.sh OUTDIR [--data DIR] [--weights FILE] [--epochs E] [--dry-run]
+#   bash benchmarks/gpu.sh OUTDIR [--data DIR] [--epochs E] [--parallel N] [--dry-run]
 #
-# 1. ci_speed: channel independence on CUDA, per layer shape and for whole networks (ResNet-50 at N = 640);
+# 1. recovery: the recovery study's long schedule (experiments/recovery.py --studies gpu): the committed parent
+#    (results/recovery/parent.safetensors) fine-tuned as the control, and pruned to paper-1 by CHIP and by L1 with
+#    seeds 0 and 1, each distilled from it for E epochs (default 30), N runs side by side on the GPU (default 5);
+#    its log is OUTDIR/recovery/runs.jsonl, its models and run folders OUTDIR/runs/;
 # 2. train_speed: training throughput against the plain fp32 loop (target: >= 5x on the dense ResNet-56, batch 256);
 # 3. latency: CUDA latency of the dense and pruned ResNet-56s;
-# 4. fine-tune: the public ResNet-56 pruned to paper-1 by CHIP and by L1, each distilled from it for E epochs
-#    (default 30), side by side.
-# Each step's output lands in OUTDIR (NAME.txt, JSON, the runs' metrics.jsonl and curves.png), with one line per
-# step in OUTDIR/steps.jsonl (command, exit code, seconds). A failed step does not stop the others; the exit code
-# is then 1. --dry-run runs the same steps at toy sizes on the CPU (tests/test_benchmarks.py runs it).
-# --data and --weights default to the JPEG CIFAR-10 and the public ResNet-56 weights in ../shared (CHIP_SHARED).
+# 4. ci_speed: channel independence on CUDA, per layer shape and for whole networks (ResNet-50 at N = 640);
+# 5. same_batches: the test that the in-memory batches on the GPU are the CPU's for the same seed.
+# Each step's output lands in OUTDIR (NAME.txt, JSON), with one line per step in OUTDIR/steps.jsonl (command, exit
+# code, seconds). A failed step does not stop the others; the exit code is then 1. --dry-run runs the same steps at
+# toy sizes on the CPU (tests/test_benchmarks.py runs it). --data defaults to the JPEG CIFAR-10 in ../shared
+# (CHIP_SHARED).
 set -euo pipefail
 if (($# < 1)) || [[ $1 == -* ]]; then
-    echo "usage: bash benchmarks/gpu.sh OUTDIR [--data DIR] [--weights FILE] [--epochs E] [--dry-run]" >&2
+    echo "usage: bash benchmarks/gpu.sh OUTDIR [--data DIR] [--epochs E] [--parallel N] [--dry-run]" >&2
     exit 2
 fi
 out=$1
 shift
-shared=${CHIP_SHARED:-../shared}
-data=$shared/data
-weights=$shared/weights/resnet56-4bfd9763.th
+data=${CHIP_SHARED:-../shared}/data
 epochs=30
+parallel=5
 dry=0
 while (($#)); do
     case $1 in
         --data) data=$2; shift 2 ;;
-        --weights) weights=$2; shift 2 ;;
         --epochs) epochs=$2; shift 2 ;;
+        --parallel) parallel=$2; shift 2 ;;
         --dry-run) dry=1; shift ;;
         *) echo "gpu.sh: unknown option $1" >&2; exit 2 ;;
     esac
@@ -39,16 +41,16 @@ mkdir -p "$out"
 
 if ((dry)); then
     device=cpu
-    ci=(--toy)
+    recovery=(--epochs 1 --parallel 2 --batch-size 32 --train-subset 64)
     train=(--steps 1 --batch-size 16 --configs dense --teacher-configs dense --device cpu)
     latency=(--repeats 1 --configs dense)
-    finetune=(--epochs 1 --train-subset 64 --batch-size 32 --workers 0)
+    ci=(--toy)
 else
     device=cuda
-    ci=(--cuda-only --quick)
+    recovery=(--epochs "$epochs" --parallel "$parallel")
     train=(--steps 50 --configs "dense,paper-1,paper-1 round-to 8,paper-1 round-to 16" --device cuda)
     latency=(--repeats 30)
-    finetune=(--epochs "$epochs" --workers 8)
+    ci=(--cuda-only --quick)
 fi
 
 failed=0
@@ -67,15 +69,10 @@ step() {  # NAME COMMAND...: run it, its output in OUTDIR/NAME.txt, a line in OU
     fi
 }
 
-step ci_speed python "$here/ci_speed.py" "${ci[@]}"
+step recovery python "$here/../experiments/recovery.py" run --studies gpu --device "$device" --data "$data" \
+    --out "$out/recovery" --runs "$out/runs" "${recovery[@]}"
 step train_speed python "$here/train_speed.py" "${train[@]}" --json "$out/train_speed.json"
 step latency python "$here/latency.py" "${latency[@]}" --json "$out/latency.json"
-step import chip import --arch resnet56 --weights "$weights" --out "$out/resnet56.pt"
-for criterion in chip l1; do
-    step "prune-$criterion" chip prune "$out/resnet56.pt" --data "$data" --sparsity paper-1 --criterion "$criterion" \
-        --device "$device" --out "$out/paper1-$criterion.pt" --json
-    rm -rf "$out/finetune-$criterion"
-    step "finetune-$criterion" chip finetune "$out/paper1-$criterion.pt" --data "$data" --teacher parent \
-        --device "$device" --out-dir "$out/finetune-$criterion" "${finetune[@]}"
-done
+step ci_speed python "$here/ci_speed.py" "${ci[@]}"
+step same_batches python -m pytest -q "$here/../tests/test_data.py" -k same_batches
 exit "$failed"

@@ -322,6 +322,20 @@ def test_train_augmentation_is_a_seeded_padded_crop_with_flips(small: ImageSplit
     assert any(flips) and not all(flips)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu.sh runs it there)")
+def test_same_batches_on_the_gpu_as_on_the_cpu(small: ImageSplit) -> None:
+    # On a GPU the uint8 images stay on the device and are cropped and flipped there; the draws stay on the CPU's
+    # generator, so a seed gives the very batches the CPU path gives.
+    for train in (False, True):
+        kw = dict(mean=MEAN, std=STD, train=train, shuffle=True, seed=5, limit=30)
+        on_cpu = list(batches(small, 8, **kw))
+        on_gpu = list(batches(small, 8, device="cuda", **kw))
+        assert len(on_cpu) == len(on_gpu) == 4
+        for (xc, yc), (xg, yg) in zip(on_cpu, on_gpu, strict=True):
+            assert xg.device.type == "cuda" and torch.equal(yc, yg.cpu())
+            torch.testing.assert_close(xc, xg.cpu(), rtol=0, atol=1e-6)
+
+
 def test_bad_batch_arguments(small: ImageSplit) -> None:
     with pytest.raises(ValueError, match="batch_size"):
         batches(small, 0, mean=MEAN, std=STD)
