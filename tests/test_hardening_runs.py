@@ -18,6 +18,7 @@ import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -312,14 +313,13 @@ def test_a_link_to_a_file_of_the_same_format_is_written_through(capsys, inputs, 
 # ---- a damaged training state is one line on --resume ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def stopped_run(workdir, tmp_path_factory):
-    """A two-epoch run's folder, its last.pt rewound to the end of epoch 1 (as a run stopped there leaves it)."""
-    root = tmp_path_factory.mktemp("stopped")
+def stopped(workdir: Path, root: Path, *options: str) -> Path:
+    """The folder of a two-epoch run, its last.pt rewound to the end of epoch 1 (as a run stopped there leaves it)."""
     run_dir = root / "run"
-    with pytest.MonkeyPatch.context() as env:  # conftest's cache fixture is per test: set up after this one
+    with pytest.MonkeyPatch.context() as env:  # conftest's cache fixture is per test: set up after a module's
         env.setenv("CHIP_CACHE_DIR", str(root / "cache"))
-        assert main([str(a) for a in finetune(workdir / "r20.pt", workdir / "data", run_dir, "--epochs", "2")]) == 0
+        args = finetune(workdir / "r20.pt", workdir / "data", run_dir, "--epochs", "2", *options)
+        assert main([str(a) for a in args]) == 0
     d = torch.load(run_dir / "last.pt", weights_only=True)
     d["training"]["history"] = d["training"]["history"][:1]
     d["training"]["step"] = 5  # 40 images, batches of 8
@@ -327,11 +327,33 @@ def stopped_run(workdir, tmp_path_factory):
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def stopped_run(workdir, tmp_path_factory):
+    """A stopped float32 run."""
+    return stopped(workdir, tmp_path_factory.mktemp("stopped"))
+
+
+@pytest.fixture(scope="module")
+def stopped_fp16_run(workdir, tmp_path_factory):
+    """A stopped run of fp16 autocast, whose loss scaler has a state."""
+    return stopped(workdir, tmp_path_factory.mktemp("stopped-fp16"), "--amp", "fp16")
+
+
+def damage_and_resume(capsys, workdir: Path, run_dir: Path, change, *options: str) -> tuple[int, str, str]:
+    """Change last.pt's training state in a copy of `run_dir` and resume the copy: chip's exit code and output."""
+    d = torch.load(run_dir / "last.pt", weights_only=True)
+    change(d["training"])
+    torch.save(d, run_dir / "last.pt")
+    with deadline(120):
+        return run(capsys, *finetune(workdir / "r20.pt", workdir / "data", run_dir, "--epochs", "2", *options))
+
+
 def buffer(t):
     """The first momentum buffer of a training state."""
     return t["optimizer"]["state"][0]
 
 
+EPOCH = {"loss": 92.0, "hits": 4.0, "images": 40.0, "seconds": 1.5}  # the sums of a whole epoch of the stopped run
 # What each damage changes in the training state, and the field the refusal names.
 DAMAGES = {
     "rng-missing": (lambda t: t.pop("rng"), "rng"),
@@ -365,6 +387,12 @@ DAMAGES = {
     "partial-text": (lambda t: t["partial"].update(loss="x"), "partial"),
     "partial-negative": (lambda t: t["partial"].update(images=-1.0), "partial"),
     "partial-keys": (lambda t: t.update(partial={"loss": 0.0}), "partial"),
+    "partial-of-other-steps": (lambda t: t.update(step=7), "partial"),
+    "partial-more-hits-than-images": (
+        lambda t: t.update(step=6, partial={**EPOCH, "images": 8.0, "hits": 9.0}),
+        "partial",
+    ),
+    "stopped-in-evaluation-without-sums": (lambda t: t.update(step=10), "partial"),
     "scaler-junk": (lambda t: t.update(scaler={"scale": "x"}), "scaler"),
     "identity-list": (lambda t: t.update(identity=[]), "identity"),
     "config-list": (lambda t: t.update(config=[]), "config"),
@@ -375,28 +403,71 @@ DAMAGES = {
 def test_a_damaged_training_state_is_one_line_and_changes_nothing(capsys, workdir, tmp_path, stopped_run, damage):
     change, field = DAMAGES[damage]
     run_dir = shutil.copytree(stopped_run, tmp_path / "run")
-    d = torch.load(run_dir / "last.pt", weights_only=True)
-    change(d["training"])
-    torch.save(d, run_dir / "last.pt")
     before = snapshot(run_dir, workdir / "r20.pt")
-    with deadline(120):
-        result = run(capsys, *finetune(workdir / "r20.pt", workdir / "data", run_dir, "--epochs", "2", "--resume"))
+    result = damage_and_resume(capsys, workdir, run_dir, change, "--resume")
     assert_refused(result, f"{run_dir / 'last.pt'}: damaged checkpoint: its training state has no valid {field!r}")
-    assert snapshot(run_dir, workdir / "r20.pt") == before, "config.json is not rewritten, nor anything else"
+    assert snapshot(run_dir, workdir / "r20.pt") == {**before, str(run_dir / "last.pt"): ANY}, "config.json kept"
 
 
-@pytest.mark.parametrize("form", ["as-saved", "an-older-checkpoint"])
-def test_a_whole_training_state_resumes(capsys, workdir, tmp_path, stopped_run, form):
-    run_dir = shutil.copytree(stopped_run, tmp_path / "run")
-    if form == "an-older-checkpoint":  # no identity, the epoch's sums as a list, optimizer groups of other values
-        d = torch.load(run_dir / "last.pt", weights_only=True)
-        t = d["training"]
-        del t["identity"]
-        t["partial"] = list(t["partial"].values())
-        t["optimizer"]["param_groups"][0].update(momentum="not read: the run's --momentum is")
-        torch.save(d, run_dir / "last.pt")
-    result = run(capsys, *finetune(workdir / "r20.pt", workdir / "data", run_dir, "--epochs", "2", "--resume"))
-    assert result[0] == 0, result[2]
+def scaler(**changes):
+    """A change of the loss scaler's state: keys set (to None: removed)."""
+
+    def change(t):
+        t["scaler"].update(changes)
+        for k in [k for k, v in changes.items() if v is None]:
+            del t["scaler"][k]
+
+    return change
+
+
+SCALES = {
+    "scale-nan": scaler(scale=math.nan),
+    "scale-zero": scaler(scale=0.0),
+    "scale-negative": scaler(scale=-2.0),
+    "scale-text": scaler(scale="65536"),
+    "tracker-negative": scaler(_growth_tracker=-1),
+    "tracker-at-the-interval": scaler(_growth_tracker=2000),
+    "tracker-float": scaler(_growth_tracker=1.5),
+    "growth-factor": scaler(growth_factor=3.0),
+    "interval-missing": scaler(growth_interval=None),
+    "unknown-key": scaler(extra=1),
+    "empty": lambda t: t.update(scaler={}),
+}
+
+
+@pytest.mark.parametrize("damage", list(SCALES))
+def test_a_damaged_loss_scaler_is_one_line(capsys, workdir, tmp_path, stopped_fp16_run, damage):
+    run_dir = shutil.copytree(stopped_fp16_run, tmp_path / "run")
+    result = damage_and_resume(capsys, workdir, run_dir, SCALES[damage], "--amp", "fp16", "--resume")
+    assert_refused(result, f"{run_dir / 'last.pt'}: damaged checkpoint: its training state has no valid 'scaler'")
+
+
+# (the run, a change of its training state that a resume takes, the options it was made with)
+WHOLE = {
+    "as-saved": ("stopped_run", lambda t: None, []),
+    "fp16-as-saved": ("stopped_fp16_run", lambda t: None, ["--amp", "fp16"]),
+    "an-older-checkpoint": ("stopped_run", lambda t: t.pop("identity"), []),
+    "sums-as-a-list": ("stopped_run", lambda t: t.update(partial=list(t["partial"].values())), []),
+    "optimizer-groups-not-read": (
+        "stopped_run",
+        lambda t: t["optimizer"]["param_groups"][0].update(momentum="x", weight_decay=math.nan),
+        [],
+    ),
+    "stopped-in-evaluation": ("stopped_run", lambda t: t.update(step=10, partial=EPOCH), []),
+    "stopped-in-an-epoch": (
+        "stopped_run",
+        lambda t: t.update(step=6, partial={**EPOCH, "images": 8.0, "hits": 1.0}),
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(WHOLE))
+def test_a_whole_training_state_resumes(capsys, request, workdir, tmp_path, case):
+    fixture, change, options = WHOLE[case]
+    run_dir = shutil.copytree(request.getfixturevalue(fixture), tmp_path / "run")
+    code, _, err = damage_and_resume(capsys, workdir, run_dir, change, *options, "--resume")
+    assert code == 0, err
     assert torch.load(run_dir / "last.pt", weights_only=True)["training"]["step"] == 10
 
 

@@ -91,9 +91,10 @@ def _shown(value: object) -> str:
 def _parent(student: ModelFile, student_path: str | os.PathLike) -> Path:
     """The file the student was pruned from, as its meta records it, if it is still there unchanged."""
     pruned = student.meta.get("pruned")
-    if pruned is None or isinstance(pruned, dict) and "parent_path" not in pruned:
+    if pruned is None or (isinstance(pruned, dict) and "parent_path" not in pruned):
         raise TrainError(f"{student_path} records no parent (it was not pruned by chip prune): give --teacher FILE")
-    path, digest = (pruned.get(k) for k in ("parent_path", "parent_sha256")) if isinstance(pruned, dict) else ("", "")
+    record = pruned if isinstance(pruned, dict) else {}
+    path, digest = record.get("parent_path"), record.get("parent_sha256")
     if not (isinstance(path, str) and path and isinstance(digest, str) and SHA256.fullmatch(digest)):
         raise TrainError(f"{student_path}: damaged model file: its meta records no valid parent path and SHA-256")
     if not Path(path).is_file() or sha256(path) != digest:
@@ -499,7 +500,9 @@ def _evaluate(
     return 100 * top1 / images, 100 * top5 / images
 
 
-def _resume(last: Path, cfg: Config, ident: dict[str, Any], steps: int, device: torch.device) -> tuple[ModelFile, dict]:
+def _resume(
+    last: Path, cfg: Config, ident: dict[str, Any], steps: int, device: torch.device
+) -> tuple[ModelFile, dict[str, Any]]:
     """The model and training state of a run's last checkpoint, which must be of this run (made with `cfg`, of
     identity `ident`, `steps` per epoch) and whole: every field of its training state is checked before the loop
     relies on it, each refused in the same one line."""
@@ -516,11 +519,11 @@ def _resume(last: Path, cfg: Config, ident: dict[str, Any], steps: int, device: 
         raise _damaged(last, "identity")
     check_identity(state.get("identity"), ident, last)
     history = cast(list[Any], state.get("history"))  # read by the step's check, after its own
-    checks: dict[str, Callable[[Any], bool]] = {  # in order: the step is checked against a valid history
+    checks: dict[str, Callable[[Any], bool]] = {  # in order: the step against a valid history, the sums its step
         "history": lambda v: _valid_history(v, cfg.epochs),
         "step": lambda v: type(v) is int and len(history) * steps <= v <= min(len(history) + 1, cfg.epochs) * steps,
         "best_top1": lambda v: v is None or (_finite(v) and 0 <= v <= 100),
-        "partial": _valid_partial,
+        "partial": lambda v: _valid_partial(v, (state["step"] - len(history) * steps) * cfg.batch_size),
         "optimizer": lambda v: _valid_optimizer(v, _optimizer(mf.model, cfg)),
         "scaler": lambda v: _valid_scaler(v, _scaler(cfg, device)),
         "rng": lambda v: _valid_rng(v, device),
@@ -562,16 +565,17 @@ def _valid_history(history: object, epochs: int) -> bool:
     )
 
 
-def _valid_partial(partial: object) -> bool:
-    """Whether `partial` is an epoch's sums so far (a Tally as a dict, or an older checkpoint's list): finite, >= 0."""
+def _valid_partial(partial: object, images: int) -> bool:
+    """Whether `partial` is the sums of an epoch's first `images` images (a Tally as a dict, or an older checkpoint's
+    list): finite, >= 0, as many images as its steps took, no more top-1 hits than images."""
     fields = [f.name for f in dataclasses.fields(Tally)]
     if isinstance(partial, dict) and set(partial) == set(fields):
-        values = list(partial.values())
+        sums = dict(partial)
     elif isinstance(partial, list) and len(partial) == len(fields):
-        values = partial
+        sums = dict(zip(fields, partial, strict=True))
     else:
         return False
-    return all(_finite(v) and v >= 0 for v in values)
+    return all(_finite(v) and v >= 0 for v in sums.values()) and sums["images"] == images >= sums["hits"]
 
 
 def _valid_optimizer(saved: object, fresh: torch.optim.Optimizer) -> bool:
