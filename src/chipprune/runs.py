@@ -29,7 +29,7 @@ from .fileio import OutputError, check_output, kind, mode_kind, replaced_input, 
 
 LOCK = ".lock"  # in the run folder: holds the pid of the process that runs it, locked (flock) while it does
 PID = re.compile(rb"(\d{1,20}\n?)?")  # what a lock file holds: nothing yet, or the pid of its last holder
-PID_BYTES = 21
+PID_BYTES = 21  # the most a lock file holds: 20 digits and a newline
 PREVIOUS = ("best.pt", "metrics.jsonl", "curves.png")  # files of a previous run, beside its last.pt or not
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
