@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import warnings
@@ -29,6 +28,7 @@ from .commandline import (
     number,
     opset,
     out_of_memory,
+    positive,
     quiet_stdout,
     seed,
 )
@@ -118,11 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", type=arch, help="a registry architecture, or torchvision:NAME or timm:NAME")
     _add_source_options(p)
     p.add_argument("--sparsity", help="rates ('[0.]+[0.15]*2+[0.4]*27', '0,0.1,…') or a preset ('paper-1')")
-    p.add_argument("--round-to", type=_positive, metavar="N", help="with --sparsity: widths at multiples of N")
+    p.add_argument("--round-to", type=positive, metavar="N", help="with --sparsity: widths at multiples of N")
     p.add_argument("--latency", action="store_true", help="also measure eval-mode latency on --device")
     p.add_argument("--batch-sizes", type=_batch_sizes, default="1,64", help="batch sizes for --latency")
-    p.add_argument("--threads", type=_positive, help="CPU threads for --latency (default: torch's)")
-    p.add_argument("--repeats", type=_positive, default=30, help="timed runs per batch size, after 3 warm-up runs")
+    p.add_argument("--threads", type=positive, help="CPU threads for --latency (default: torch's)")
+    p.add_argument("--repeats", type=positive, default=30, help="timed runs per batch size, after 3 warm-up runs")
     p.add_argument("--device", type=device, default="cpu", help="torch device for --latency")
     p.add_argument("--json", action="store_true", help="print JSON to stdout")
     p.set_defaults(run=cmd_profile)
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--opset", type=opset, default=17, help="ONNX opset")
     batch = p.add_mutually_exclusive_group()
-    batch.add_argument("--batch-size", type=_positive, default=1, help="the batch size the model is traced with")
+    batch.add_argument("--batch-size", type=positive, default=1, help="the batch size the model is traced with")
     batch.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size")
     p.set_defaults(run=cmd_export)
 
@@ -193,12 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--runtime", choices=RUNTIMES, default="eager", help="with --latency-target: what it is timed on")
     p.add_argument(
-        "--latency-batch-size", type=_positive, default=1, metavar="B", help="with --latency-target: the batch timed"
+        "--latency-batch-size", type=positive, default=1, metavar="B", help="with --latency-target: the batch timed"
     )
-    p.add_argument("--threads", type=_positive, help="with --latency-target: CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive, help="with --latency-target: CPU threads (default: torch's)")
     p.add_argument(
         "--repeats",
-        type=_positive,
+        type=positive,
         default=20,
         help="with --latency-target: timed runs per table entry, after 3 warm-up runs (3x that per whole-model check)",
     )
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--round-to",
-        type=_positive,
+        type=positive,
         metavar="N",
         help="keep channel counts at multiples of N (with --sparsity: each width rounded to the nearest, at least N "
         "and at most the layer's; see docs/performance.md for what it buys)",
@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a chipprune model file")
     p.add_argument("--data", required=True, help="dataset source (see README: CIFAR archive, image folder, tarball)")
     p.add_argument("--split", default="test", choices=("test", "val", "train"), help="which split")
-    p.add_argument("--batch-size", type=_positive, default=256, help="images per forward pass")
-    p.add_argument("--limit", type=_positive, help="evaluate a seeded random sample of N images (see --seed)")
+    p.add_argument("--batch-size", type=positive, default=256, help="images per forward pass")
+    p.add_argument("--limit", type=positive, help="evaluate a seeded random sample of N images (see --seed)")
     p.add_argument("--seed", type=seed, default=0, help="picks the --limit sample")
     p.add_argument("--workers", type=non_negative, default=0, help="loader processes for large images")
     p.add_argument("--device", type=device, default=_default_device(), help="torch device")
@@ -288,7 +288,7 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
         help="a library model's constructor arguments, as '{\"num_classes\": 10}'",
     )
     p.add_argument(
-        "--input-size", type=_positive, metavar="N", help="a library model's input side (default: its library's)"
+        "--input-size", type=positive, metavar="N", help="a library model's input side (default: its library's)"
     )
 
 
@@ -297,8 +297,8 @@ def _add_scoring_options(p: argparse.ArgumentParser, data_required: bool) -> Non
         "--data", required=data_required, help="dataset source; calibration images come from its train split"
     )
     p.add_argument("--criterion", choices=CRITERIA, default="chip", help="how channels are ranked")
-    p.add_argument("--batches", type=_positive, default=5, help="calibration batches")
-    p.add_argument("--batch-size", type=_positive, default=128, help="calibration batch size")
+    p.add_argument("--batches", type=positive, default=5, help="calibration batches")
+    p.add_argument("--batch-size", type=positive, default=128, help="calibration batch size")
     p.add_argument("--seed", type=seed, default=0, help="picks the calibration images; seeds the random criterion")
     p.add_argument("--workers", type=non_negative, default=0, help="loader processes for large images")
     p.add_argument("--device", type=device, default=_default_device(), help="torch device")
@@ -329,11 +329,11 @@ def _add_training_options(p: argparse.ArgumentParser, default_preset: str) -> No
         help=f"hyperparameters, each overridden by its option below ({presets}) (default: {default_preset})",
     )
     hyper = argparse.SUPPRESS  # unless given, the preset's
-    p.add_argument("--epochs", type=_positive, default=hyper, help="epochs (default: the preset's)")
+    p.add_argument("--epochs", type=positive, default=hyper, help="epochs (default: the preset's)")
     p.add_argument("--lr", type=number(0, above=True), default=hyper, help="peak learning rate (default: the preset's)")
     p.add_argument(
         "--batch-size",
-        type=_positive,
+        type=positive,
         default=hyper,
         help="global batch, split among torchrun processes and --accum micro-batches (default: the preset's)",
     )
@@ -359,10 +359,10 @@ def _add_training_options(p: argparse.ArgumentParser, default_preset: str) -> No
         default=0,
         help="seeds the subset, data order and augmentation (and train's initial weights)",
     )
-    p.add_argument("--train-subset", type=_positive, help="train on a seeded subset of N images (quick runs)")
+    p.add_argument("--train-subset", type=positive, help="train on a seeded subset of N images (quick runs)")
     p.add_argument(
         "--accum",
-        type=_positive,
+        type=positive,
         default=1,
         help="micro-batches per batch, gradients added: less memory; BatchNorm sees each micro-batch",
     )
@@ -414,14 +414,14 @@ def _add_teacher_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--kd-weight",
-        type=_unit_interval,
+        type=number(0, 1),
         default=argparse.SUPPRESS,
         metavar="A",
         help=f"with --teacher: loss = A*T^2*KL(teacher || student at T) + (1 - A)*cross-entropy (default: {KD_WEIGHT})",
     )
     p.add_argument(
         "--kd-temperature",
-        type=_positive_float,
+        type=number(0, above=True),
         default=argparse.SUPPRESS,
         metavar="T",
         help=f"with --teacher: the softmax temperature of both models' logits (default: {KD_TEMPERATURE})",
@@ -443,27 +443,6 @@ def _batch_sizes(text: str) -> list[int]:
     if not sizes or min(sizes) < 1 or max(sizes) >= 2**31:
         raise argparse.ArgumentTypeError(f"batch sizes must be positive integers below 2**31, got {text!r}")
     return sizes
-
-
-def _unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if not 1 <= value < 2**31:
-        raise argparse.ArgumentTypeError(f"must be a positive integer below 2**31, got {text}")
-    return value
 
 
 def _default_device() -> str:
@@ -886,11 +865,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune a model file into a run folder."""
-    check_run_folder(args.out_dir, [args.model, args.data, args.val_data])
     mf = load_model(args.model)
     if args.teacher is None and ("kd_weight" in args or "kd_temperature" in args):
         raise UsageError("--kd-weight and --kd-temperature apply to --teacher")
     teacher = None if args.teacher is None else load_teacher(args.teacher, mf, args.model)
+    check_run_folder(args.out_dir, [args.model, None if teacher is None else teacher.path, args.data, args.val_data])
     with distributed(args.device) as place:
         train, test = load_data(args.data, args.val_data, args.train_subset, args.seed, place, args.ignore_class_names)
         _check_classes(train, mf, args)

@@ -49,7 +49,7 @@ def _integer(text: str, lo: int, hi: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi:,}, got {text!r}") from None
     if not lo <= value <= hi:
         raise argparse.ArgumentTypeError(f"must be an integer from {lo} to {hi:,}, got {text}")
     return value
@@ -64,7 +64,7 @@ def number(lo: float, hi: float = math.inf, *, above: bool = False, below: bool 
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}") from None
         if not math.isfinite(value) or value < lo or value > hi or (above and value == lo) or (below and value == hi):
             raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
         return value

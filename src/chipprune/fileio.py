@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 TEMP_SUFFIX = ".tmp"
+# Suffixes that decide the format a file is read and written in (a model file: safetensors, else torch's).
+FORMAT_SUFFIXES = (".safetensors",)
 _RANDOM = 8  # characters mkstemp puts between the prefix and the suffix
 
 
@@ -35,13 +37,14 @@ def kind(path: str | os.PathLike) -> str:
         return "a broken symbolic link" if os.path.islink(path) else "nothing"
     except OSError as e:
         return f"unreadable ({e.strerror or reason(e)})"
-    return _kind(mode)
+    return mode_kind(mode)
 
 
-def _kind(mode: int) -> str:
-    """A file type in words."""
+def mode_kind(mode: int) -> str:
+    """A file type in words (a symbolic link where `mode` is lstat's)."""
     for test, words in (
         (stat.S_ISREG, "a regular file"),
+        (stat.S_ISLNK, "a symbolic link"),
         (stat.S_ISDIR, "a folder"),
         (stat.S_ISFIFO, "a FIFO (named pipe)"),
         (stat.S_ISCHR, "a character device"),
@@ -66,7 +69,7 @@ def read_file(path: str | os.PathLike, *, limit: int, what: str, error: type[Exc
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise error(f"{path} is {_kind(mode)}, not a {what}")
+        raise error(f"{path} is {mode_kind(mode)}, not a {what}")
     with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(limit + 1)
@@ -92,21 +95,22 @@ def check_output(
     path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), *, option: str = "--out", hint: str = ""
 ) -> None:
     """Refuse, before any work, an output that cannot be written or that would destroy an input of the same
-    command: empty, a folder, FIFO or device, under a regular file, a name the file system cannot hold, or the same
-    file as an input (also through links). `hint` ends the message of the last case (how to ask for it anyway)."""
+    command: empty, a folder, FIFO or device, under a regular file, a name the file system cannot hold, a link to a
+    file of another format, or an input or a file under an input folder (also through links). `hint` ends the
+    message of the last case (how to ask for it anyway)."""
     target = _target(path)
     folder = _existing_ancestor(target)
     if os.statvfs(folder).f_flag & os.ST_RDONLY:
         raise OutputError(f"cannot write {path}: {folder} is on a read-only file system")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {path}: no permission to write in {folder}")
-    for source in inputs:
-        if source is not None and str(source) and same_file(target, source):
-            same = "" if os.fspath(source) == os.fspath(path) else f"the same file as {source}, "
-            raise OutputError(
-                f"{option} {path} is {same}an input of this command: writing it would destroy it; "
-                f"choose another {option}{hint}"
-            )
+    replaced = replaced_input(target, inputs)
+    if replaced is not None:
+        same = "" if replaced == os.fspath(path) else f"the same file as {replaced}, "
+        raise OutputError(
+            f"{option} {path} is {same}an input of this command: writing it would destroy it; choose another "
+            f"{option}{hint}"
+        )
 
 
 def _target(path: str | os.PathLike) -> Path:
@@ -118,8 +122,18 @@ def _target(path: str | os.PathLike) -> Path:
     target = Path(os.path.realpath(text))  # a symbolic link is written through: its target is replaced
     if os.path.lexists(target) and not target.is_file():
         raise OutputError(f"{text} is {kind(target)}: an output must be a regular file or a new path")
+    if _format(text) != _format(target):  # written in the format of its name, it would be read in its target's
+        raise OutputError(
+            f"cannot write {text}: it links to {target}, and a file named {Path(text).name} is written in another "
+            f"format than one named {target.name} is read in; write {target} itself, or a new path"
+        )
     _parent_ok(target, text)
     return target
+
+
+def _format(path: str | os.PathLike) -> str | None:
+    """The format a file's name decides (one of FORMAT_SUFFIXES), or None where its reader's default holds."""
+    return next((s for s in FORMAT_SUFFIXES if Path(path).suffix == s), None)
 
 
 def _parent_ok(target: Path, text: str) -> None:
@@ -148,12 +162,24 @@ def _existing_ancestor(path: Path) -> Path:
     return ancestor
 
 
-def same_file(target: Path, source: str | os.PathLike) -> bool:
-    """Whether writing `target` would replace `source` (the same path after links, or a hard link of it)."""
-    if Path(os.path.realpath(source)) == target:
-        return True
+def replaced_input(target: Path, inputs: Iterable[str | os.PathLike | None]) -> str | None:
+    """The input that writing `target` (a path without links) would replace, in words: an input itself (the same
+    path after links, or a hard link of it), or a file that exists under an input folder; None where none is."""
+    for source in inputs:
+        if source is None or not str(source):
+            continue
+        real = Path(os.path.realpath(source))
+        if real in target.parents and os.path.lexists(target):
+            return f"{target}, a file under {source}"
+        if real == target or _same_inode(target, source):
+            return os.fspath(source)
+    return None
+
+
+def _same_inode(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths are one file (False where either is not there)."""
     try:
-        return os.path.samefile(target, source)
+        return os.path.samefile(a, b)
     except OSError:
         return False
 

@@ -12,6 +12,8 @@ import hashlib
 import inspect
 import math
 import os
+import re
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,9 +25,11 @@ from torch import Tensor
 from .data import ImageSplit
 from .data.batching import Batches
 from .distributed import LOCAL, Place
-from .fileio import OutputError, check_output, kind, same_file, sha256
+from .fileio import OutputError, check_output, kind, mode_kind, replaced_input, sha256, size_text
 
 LOCK = ".lock"  # in the run folder: holds the pid of the process that runs it, locked (flock) while it does
+PID = re.compile(rb"(\d{1,20}\n?)?")  # what a lock file holds: nothing yet, or the pid of its last holder
+PID_BYTES = 21  # the most a lock file holds: 20 digits and a newline
 PREVIOUS = ("best.pt", "metrics.jsonl", "curves.png")  # files of a previous run, beside its last.pt or not
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -44,7 +48,7 @@ class Stopped(Exception):
 
 def check_run_folder(run: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
     """Refuse, before any work, an --out-dir that is not a folder (or a new path), or one of whose run files would
-    replace an input of the command (the model file, a data source)."""
+    replace an input of the command (every file it reads: the model file, the teacher, a file of a data source)."""
     from .train import RUN_FILES  # here: train.py uses this module
 
     text = os.fspath(run)
@@ -52,15 +56,14 @@ def check_run_folder(run: str | os.PathLike, inputs: Iterable[str | os.PathLike 
         raise OutputError("empty --out-dir")
     if os.path.lexists(text) and not os.path.isdir(text):
         raise OutputError(f"--out-dir {text} is {kind(text)}, not a folder")
+    inputs = list(inputs)
     for name in RUN_FILES:
         check_output(Path(text) / name, option="--out-dir")
-        source = next(
-            (s for s in inputs if s is not None and str(s) and same_file(Path(text, name).resolve(), s)), None
-        )
-        if source is not None:
+        replaced = replaced_input(Path(text, name).resolve(), inputs)
+        if replaced is not None:
             raise OutputError(
-                f"--out-dir {text} would replace {source}, an input of this command, with its {name}: copy the input "
-                "elsewhere first, or choose another --out-dir"
+                f"--out-dir {text} would replace {replaced}, an input of this command, with its {name}: copy the "
+                "input elsewhere first, or choose another --out-dir"
             )
 
 
@@ -87,26 +90,75 @@ def run_lock(run: Path, writer: bool = True) -> Iterator[None]:
     created = not os.path.lexists(run)
     try:
         run.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = _open_lock(run / LOCK)
+    except OutputError:
+        raise
     except OSError as e:
         raise OutputError(f"cannot use --out-dir {run}: {e.strerror or e}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            holder = os.pread(fd, PID_BYTES, 0).decode(errors="replace").strip()
             raise RunError(
                 f"{run} is in use by another chip process{f' (pid {holder})' if holder.isdigit() else ''}: "
                 "wait for it to end, or choose another --out-dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        pid = f"{os.getpid()}\n".encode()
+        os.pwrite(fd, pid, 0)
+        os.ftruncate(fd, len(pid))  # a shorter pid than the last holder's: no digits of it left after ours
         yield
     finally:
         if created and os.listdir(run) == [LOCK]:  # a run that wrote nothing leaves no folder behind
             (run / LOCK).unlink()
             run.rmdir()
         os.close(fd)
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file, opened for writing: made here, or one that a chip process left (see _not_ours). Anything else
+    is refused without being written, and a symbolic link is never followed: a link or a hard link to the model
+    would have had it overwritten with the pid."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: a FIFO planted meanwhile
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        pass
+    found = os.lstat(path)
+    if not stat.S_ISREG(found.st_mode):  # not even opened: opening a device can act on it
+        raise _not_a_lock(path, mode_kind(found.st_mode))
+    fd = os.open(path, flags)
+    try:
+        problem = _not_ours(fd, found)
+        if problem is not None:
+            raise _not_a_lock(path, problem)
+    except OSError:  # the refusal among them
+        os.close(fd)
+        raise
+    return fd
+
+
+def _not_ours(fd: int, found: os.stat_result) -> str | None:
+    """What the open file `fd` (found at the lock's path as `found`) is instead of a lock file that chip left: a
+    regular file of this user's with no other name, holding at most a pid; None where it is one."""
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (found.st_dev, found.st_ino):
+        return "a file replaced while it was opened"
+    if now.st_nlink != 1:
+        return f"a file of {now.st_nlink} names (hard links)"
+    if now.st_uid != os.geteuid():
+        return f"a file of another user (uid {now.st_uid})"
+    if not PID.fullmatch(os.pread(fd, PID_BYTES + 1, 0)):
+        return f"a file that holds something other than a pid ({size_text(now.st_size)})"
+    return None
+
+
+def _not_a_lock(path: Path, what: str) -> OutputError:
+    """The refusal of a lock file path that holds something else."""
+    return OutputError(
+        f"cannot use --out-dir {path.parent}: its {path.name} is {what}, not the lock file chip leaves; move it away, "
+        "or choose another --out-dir"
+    )
 
 
 def refuse_previous(run: Path) -> None:

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -41,17 +42,8 @@ from .runs import LossWatch, Stopped, check_compile, check_identity, holding_loc
 
 LOG_EVERY = 10  # steps between progress-bar updates: each one waits for the device
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "curves.png")
-# What a checkpoint's training state holds (see _training_state), checked before a resume relies on it.
-TRAINING_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "step": int,
-    "history": list,
-    "best_top1": (float, type(None)),
-    "partial": (dict, list),
-    "config": dict,
-    "optimizer": dict,
-    "scaler": dict,
-    "rng": dict,
-}
+HISTORY_NEEDS = ("epoch", "lr", "train_loss", "train_top1", "test_top1")  # what a resumed run reads of each epoch
+SHA256 = re.compile("[0-9a-f]{64}")
 
 
 # Distillation defaults, chosen by a short comparison on the CHIP-pruned ResNet-56 (paper-1): docs/training.md.
@@ -74,19 +66,40 @@ class Teacher(NamedTuple):
 def load_teacher(spec: str, student: ModelFile, student_path: str | os.PathLike) -> Teacher:
     """The teacher named by `--teacher`: a model file, or "parent": the file the student was pruned from, as long as
     it is still there unchanged. It must take the same inputs and give the same classes as the student."""
-    if spec == "parent":
-        pruned = student.meta.get("pruned", {})
-        if "parent_path" not in pruned:
-            raise TrainError(f"{student_path} records no parent (it was not pruned by chip prune): give --teacher FILE")
-        path = Path(pruned["parent_path"])
-        if not path.is_file() or sha256(path) != pruned["parent_sha256"]:
-            raise TrainError(f"the parent of {student_path}, {path}, is gone or has changed since: give --teacher FILE")
-    else:
-        path = Path(spec)
+    path = _parent(student, student_path) if spec == "parent" else Path(spec)
     teacher = load_model(path)
-    if (teacher.mean, teacher.std, teacher.classes) != (student.mean, student.std, student.classes):
-        raise TrainError(f"the teacher {path} takes other inputs or gives other classes than the model it teaches")
+    compared = {
+        "input size": (teacher.input_size, student.input_size),
+        "normalization": ((teacher.mean, teacher.std), (student.mean, student.std)),
+        "classes": (teacher.classes, student.classes),
+    }
+    differs = [f"{what} {_shown(a)} (the student's: {_shown(b)})" for what, (a, b) in compared.items() if a != b]
+    if differs:
+        raise TrainError(
+            f"the teacher {path} takes other inputs or gives other classes than the model it teaches: "
+            + ", ".join(differs)
+        )
     return Teacher(teacher, path, sha256(path))
+
+
+def _shown(value: object) -> str:
+    """A value in at most 60 characters: a long list of class names cut."""
+    text = str(value)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def _parent(student: ModelFile, student_path: str | os.PathLike) -> Path:
+    """The file the student was pruned from, as its meta records it, if it is still there unchanged."""
+    pruned = student.meta.get("pruned")
+    if pruned is None or (isinstance(pruned, dict) and "parent_path" not in pruned):
+        raise TrainError(f"{student_path} records no parent (it was not pruned by chip prune): give --teacher FILE")
+    record = pruned if isinstance(pruned, dict) else {}
+    path, digest = record.get("parent_path"), record.get("parent_sha256")
+    if not (isinstance(path, str) and path and isinstance(digest, str) and SHA256.fullmatch(digest)):
+        raise TrainError(f"{student_path}: damaged model file: its meta records no valid parent path and SHA-256")
+    if not Path(path).is_file() or sha256(path) != digest:
+        raise TrainError(f"the parent of {student_path}, {path}, is gone or has changed since: give --teacher FILE")
+    return Path(path)
 
 
 @dataclass(frozen=True)
@@ -246,9 +259,7 @@ def fit(
     resuming = resume and last.exists()
     ident = identity(about, mf.arch, mf.mean, mf.std, train, test)  # what the run is of: a resume must match it
     if resuming:
-        mf, state = _resume(last, cfg)
-        check_identity(state.get("identity"), ident, last)
-        state["identity"] = ident  # (a checkpoint of an older version has none)
+        mf, state = _resume(last, cfg, ident, steps, place.device)
     elif last.exists():
         raise TrainError(f"{run} already holds a run: --resume to continue it, or choose another --out-dir")
     else:
@@ -291,10 +302,10 @@ def fit(
         teacher = teacher.to(device).eval().requires_grad_(False)
         if precision.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # untyped in torch
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    if resuming:
-        opt.load_state_dict(state.pop("optimizer"))
+    opt = _optimizer(model, cfg)
+    scaler = _scaler(cfg, device)
+    if resuming:  # the hyperparameters are the run's (cfg, checked equal): the checkpoint gives the momentum buffers
+        opt.load_state_dict({**state.pop("optimizer"), "param_groups": opt.state_dict()["param_groups"]})
         scaler.load_state_dict(state.pop("scaler"))
         _set_rng_states(state.pop("rng"), device)
     net: nn.Module = model
@@ -489,23 +500,154 @@ def _evaluate(
     return 100 * top1 / images, 100 * top5 / images
 
 
-def _resume(last: Path, cfg: Config) -> tuple[ModelFile, dict[str, Any]]:
-    """The model and training state of a run's last checkpoint, which must have been made with `cfg`."""
+def _resume(
+    last: Path, cfg: Config, ident: dict[str, Any], steps: int, device: torch.device
+) -> tuple[ModelFile, dict[str, Any]]:
+    """The model and training state of a run's last checkpoint, which must be of this run (made with `cfg`, of
+    identity `ident`, `steps` per epoch) and whole: every field of its training state is checked before the loop
+    relies on it, each refused in the same one line."""
     mf, state = load_checkpoint(last)
     if state is None:
         raise TrainError(f"{last} is a model file without training state: nothing to resume")
-    missing = [k for k, kind in TRAINING_FIELDS.items() if k not in state or not isinstance(state[k], kind)]
-    if missing:
-        raise TrainError(f"{last}: damaged checkpoint: its training state has no valid {missing[0]!r}")
-    try:  # checkpoints before the named record held a list [loss, hits, images, seconds]
-        partial = state["partial"]
-        state["partial"] = Tally(*partial) if isinstance(partial, list) else Tally(**partial)
-    except TypeError:
-        raise TrainError(f"{last}: damaged checkpoint: its training state has no valid 'partial'") from None
-    diff = [f"{k} {state['config'].get(k)} (now {v})" for k, v in asdict(cfg).items() if state["config"].get(k) != v]
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise _damaged(last, "config")
+    diff = [f"{k} {saved.get(k)} (now {v})" for k, v in asdict(cfg).items() if saved.get(k) != v]
     if diff:
         raise TrainError(f"--resume: the run in {last.parent} was made with {', '.join(diff)}: give the same options")
+    if not isinstance(state.get("identity"), dict | None):  # (a checkpoint of an older version has none)
+        raise _damaged(last, "identity")
+    check_identity(state.get("identity"), ident, last)
+    history = cast(list[Any], state.get("history"))  # read by the step's check, after its own
+    checks: dict[str, Callable[[Any], bool]] = {  # in order: the step against a valid history, the sums its step
+        "history": lambda v: _valid_history(v, cfg.epochs),
+        "step": lambda v: type(v) is int and len(history) * steps <= v <= min(len(history) + 1, cfg.epochs) * steps,
+        "best_top1": lambda v: v is None or (_finite(v) and 0 <= v <= 100),
+        "partial": lambda v: _valid_partial(v, (state["step"] - len(history) * steps) * cfg.batch_size),
+        "optimizer": lambda v: _valid_optimizer(v, _optimizer(mf.model, cfg)),
+        "scaler": lambda v: _valid_scaler(v, _scaler(cfg, device)),
+        "rng": lambda v: _valid_rng(v, device),
+    }
+    damaged = next((name for name, valid in checks.items() if not valid(state.get(name))), None)
+    if damaged is not None:
+        raise _damaged(last, damaged)
+    partial = state["partial"]  # checkpoints before the named record held a list [loss, hits, images, seconds]
+    state["partial"] = Tally(*partial) if isinstance(partial, list) else Tally(**partial)
+    state["identity"] = ident
     return mf, state
+
+
+def _damaged(last: Path, field: str) -> TrainError:
+    """The refusal of a checkpoint whose training state has a damaged or missing field."""
+    return TrainError(f"{last}: damaged checkpoint: its training state has no valid {field!r}")
+
+
+def _finite(x: object) -> bool:
+    """Whether x is a finite int or float (not a bool)."""
+    try:
+        return type(x) in (int, float) and math.isfinite(cast(float, x))
+    except OverflowError:  # an int beyond float64
+        return False
+
+
+def _valid_history(history: object, epochs: int) -> bool:
+    """Whether `history` is the metrics of epochs 1, 2, … (at most `epochs`), each with the numbers a run reads."""
+    return (
+        isinstance(history, list)
+        and len(history) <= epochs
+        and all(
+            isinstance(h, dict)
+            and h.get("epoch") == i
+            and all(k in h for k in HISTORY_NEEDS)
+            and all(_finite(v) or (v is None and k.startswith("test_")) for k, v in h.items())
+            for i, h in enumerate(history, 1)
+        )
+    )
+
+
+def _valid_partial(partial: object, images: int) -> bool:
+    """Whether `partial` is the sums of an epoch's first `images` images (a Tally as a dict, or an older checkpoint's
+    list): finite, >= 0, as many images as its steps took, no more top-1 hits than images."""
+    fields = [f.name for f in dataclasses.fields(Tally)]
+    if isinstance(partial, dict) and set(partial) == set(fields):
+        sums = dict(partial)
+    elif isinstance(partial, list) and len(partial) == len(fields):
+        sums = dict(zip(fields, partial, strict=True))
+    else:
+        return False
+    return all(_finite(v) and v >= 0 for v in sums.values()) and sums["images"] == images >= sums["hits"]
+
+
+def _valid_optimizer(saved: object, fresh: torch.optim.Optimizer) -> bool:
+    """Whether `saved` is an optimizer state of `fresh`'s parameters: its groups name them as `fresh`'s do, and its
+    momentum buffers are finite tensors of their shapes and dtypes."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        return False
+    groups = saved.get("param_groups")
+    named = [g.get("params") if isinstance(g, dict) else None for g in groups] if isinstance(groups, list) else None
+    if named != [g["params"] for g in fresh.state_dict()["param_groups"]]:
+        return False
+    params = [p for g in fresh.param_groups for p in g["params"]]
+    return all(
+        type(i) is int
+        and 0 <= i < len(params)
+        and isinstance(s, dict)
+        and set(s) == {"momentum_buffer"}
+        and _valid_buffer(s["momentum_buffer"], params[i])
+        for i, s in saved["state"].items()
+    )
+
+
+def _valid_buffer(buffer: object, param: Tensor) -> bool:
+    """Whether `buffer` can be the momentum of `param`: none yet, or a finite dense tensor of its shape and dtype."""
+    if buffer is None:
+        return True
+    return (
+        isinstance(buffer, Tensor)
+        and buffer.layout == torch.strided
+        and (buffer.shape, buffer.dtype) == (param.shape, param.dtype)
+        and bool(torch.isfinite(buffer).all())
+    )
+
+
+def _valid_scaler(saved: object, fresh: torch.amp.GradScaler) -> bool:
+    """Whether `saved` is a state of `fresh` (empty where it is disabled): its constants, a finite positive scale."""
+    ours = fresh.state_dict()
+    if not isinstance(saved, dict) or set(saved) != set(ours):
+        return False
+    constants = ("growth_factor", "backoff_factor", "growth_interval")
+    return not ours or (
+        all(saved[k] == ours[k] for k in constants)
+        and _finite(saved["scale"])
+        and saved["scale"] > 0
+        and type(saved["_growth_tracker"]) is int
+        and 0 <= saved["_growth_tracker"] < ours["growth_interval"]
+    )
+
+
+def _valid_rng(rng: object, device: torch.device) -> bool:
+    """Whether `rng` holds the CPU generator's state (and, optionally, a CUDA one's), each one that the generator of
+    this run's device takes."""
+    if not isinstance(rng, dict) or "cpu" not in rng or not set(rng) <= {"cpu", "cuda"}:
+        return False
+    used = {"cpu": torch.device("cpu"), **({"cuda": device} if device.type == "cuda" else {})}
+    try:
+        for name, where in used.items():
+            if name in rng:
+                torch.Generator(where).set_state(rng[name])  # a throwaway generator: refuses a damaged state
+    except (RuntimeError, TypeError):
+        return False
+    return all(isinstance(t, Tensor) and t.dtype == torch.uint8 for t in rng.values())
+
+
+def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
+    """The run's optimizer of `model`'s parameters."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _scaler(cfg: Config, device: torch.device) -> torch.amp.GradScaler:
+    """The run's loss scaler: enabled for fp16 autocast alone."""
+    return torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
 
 def _training_state(
