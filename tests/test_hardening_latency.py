@@ -388,7 +388,11 @@ OOM_CASES = {  # command, what runs out of memory, the advice
         ("chipprune.latency.Runner.times", oom_above_batch_1),
         ": try a smaller --batch-sizes",
     ),
-    "eval": (["eval", "{m}", "--data", "{d}"], ("chipprune.cli.evaluate", out_of_memory), ": try a smaller --batch-size"),
+    "eval": (
+        ["eval", "{m}", "--data", "{d}"],
+        ("chipprune.cli.evaluate", out_of_memory),
+        ": try a smaller --batch-size",
+    ),
     "export": (
         ["export", "{m}", "--format", "torchscript", "--out", "{o}"],
         ("chipprune.cli.export", out_of_memory),
