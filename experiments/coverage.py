@@ -2,11 +2,14 @@
 beside Torch-Pruning's own pruner on the same model in the same run.
 
     python experiments/coverage.py [--size 224] [--log results/coverage/coverage-224.jsonl] [--only NAME ...]
+    python experiments/coverage.py --latency --size 64   # -> results/coverage/latency-64.jsonl
 
 Each model runs in a forked process of its own (a hang is cut at --timeout seconds): prune_model(flops_target=0.5)
 with CHIP on one random image, then Torch-Pruning 1.6.1's MetaPruner with MagnitudeImportance at pruning_ratio 0.3 (the
-classifier ignored). One JSON line per model goes to --log; a rerun skips the models logged. The markdown table
-is written into docs/any-cnn.md between the coverage markers of the input size."""
+classifier ignored). With --latency, on a sample of the families instead: prune_to_latency at 0.5 of the dense
+latency, timed in eager PyTorch, one thread, 3 runs per table entry (9 per whole-model check), a table of its own. One
+JSON line per model goes to --log; a rerun skips the models logged. The markdown table is written into
+docs/any-cnn.md between the coverage (or latency) markers of the input size."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import argparse
 import json
 import multiprocessing
 import queue
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +28,26 @@ from chipprune.models.external import TIMM_FAMILIES
 # The smallest member of every covered timm family, larger members of two (CI prunes the smaller ones), and two
 # transformers, for the one-line error that names the attention they cannot be pruned through.
 TIMM = [*TIMM_FAMILIES.values(), "cspdarknet53", "nfnet_l0", "vit_tiny_patch16_224", "mobilevit_xs"]
+# The latency row's sample: the three families whose groups span several layers (ShuffleNet's channel-shuffled stages,
+# MixNet's split convs, RexNet's partial residuals), where the latency table once asked for a conv of 0 outputs, and
+# one family of each other kind of block (plain and bottleneck residuals, inverted residuals with squeeze-excitation,
+# concatenations, grouped convs, split attention, ConvNeXt blocks, deep aggregation).
+LATENCY = [
+    "tv:shufflenet_v2_x0_5",
+    "timm:mixnet_s",
+    "timm:rexnet_100",
+    "tv:resnet18",
+    "tv:mobilenet_v3_small",
+    "tv:squeezenet1_1",
+    "tv:googlenet",
+    "tv:regnet_y_400mf",
+    "timm:efficientnet_b0",
+    "timm:ghostnet_050",
+    "timm:resnest14d",
+    "timm:convnext_atto",
+    "timm:dla46_c",
+]
+LATENCY_TARGET = 0.5
 
 
 def models() -> list[str]:
@@ -72,6 +96,8 @@ def one(name: str, size: int, part: str) -> dict:
                 pruned = prune_model(model, x, [x], flops_target=0.5)
             coarse = [str(w.message) for w in caught if "allow no point" in str(w.message)]
             row["note"] = coarse[0] if coarse else ""
+        elif part == "latency":
+            pruned, row["latency"] = _latency(model, x)
         else:
             pruned = _torch_pruning(model, x)
         row["seconds"] = round(time.time() - start, 1)
@@ -90,6 +116,26 @@ def one(name: str, size: int, part: str) -> dict:
     return row
 
 
+def _latency(model: Any, x: Any) -> tuple[Any, dict]:
+    """prune_to_latency at LATENCY_TARGET (eager, one thread, 3 runs per table entry, a table of its own), and how."""
+    from chipprune.graph import prune_to_latency
+    from chipprune.latency import Runner
+
+    runner = Runner("eager", threads=1, repeats=3, warmup=1)
+    with tempfile.TemporaryDirectory() as cache, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned, report = prune_to_latency(model, x, [x], LATENCY_TARGET, runner, cache=cache)
+    missed = [str(w.message) for w in caught if "latency_target" in str(w.message)]
+    return pruned, {
+        "dense_ms": report.dense.median_ms,
+        "pruned_ms": report.pruned.median_ms,
+        "predicted_ms": report.predicted_ms,
+        "rounds": report.rounds,
+        "layers_measured": report.measured_layers,
+        "note": missed[0] if missed else "",
+    }
+
+
 def _torch_pruning(model: Any, x: Any) -> Any:
     """Torch-Pruning alone: MetaPruner, L2 magnitude, ratio 0.3, the output layer ignored."""
     import torch_pruning as tp
@@ -103,11 +149,12 @@ def _torch_pruning(model: Any, x: Any) -> Any:
     return model
 
 
-def run(name: str, size: int, timeout: int) -> dict:
-    """Both parts of one model's row, each in a child process forked from this one (torch already imported)."""
+def run(name: str, size: int, timeout: int, parts: tuple[str, ...] = ("chip", "tp")) -> dict:
+    """The parts of one model's row (chip, tp; or latency), each in a child process forked from this one (torch
+    already imported); tp's keys prefixed."""
     context = multiprocessing.get_context("fork")
     row: dict = {"model": name, "size": size}
-    for part in ("chip", "tp"):
+    for part in parts:
         results = context.Queue()
         child = context.Process(target=_child, args=(name, size, part, results))
         child.start()
@@ -118,7 +165,7 @@ def run(name: str, size: int, timeout: int) -> dict:
         child.join(5)
         if child.is_alive():
             child.kill()
-        row |= {k if part == "chip" else f"tp_{k}": v for k, v in result.items()}
+        row |= {f"tp_{k}" if part == "tp" else k: v for k, v in result.items()}
     return row
 
 
@@ -148,12 +195,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def publish(rows: list[dict], doc: Path, size: int) -> None:
-    """Replace the table between the markers of this input size in `doc`."""
-    start, end = f"<!-- coverage {size} -->", f"<!-- /coverage {size} -->"
+def latency_table(rows: list[dict]) -> str:
+    """The markdown table of the latency row."""
+    lines = [
+        "| model | params | GFLOPs | GFLOPs after | latency after: measured (predicted) x dense | dense ms | checks "
+        "| s to prune | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        after = f"{r['flops_after'] / 1e9:.3f} ({r['flops_after'] / r['flops']:.3f})" if "flops_after" in r else ""
+        t = r.get("latency")
+        ratio = f"{t['pruned_ms'] / t['dense_ms']:.3f} ({t['predicted_ms'] / t['dense_ms']:.3f})" if t else ""
+        dense, rounds = (f"{t['dense_ms']:.2f}", t["rounds"]) if t else ("", "")
+        status = r["status"] + (" (missed: measured above the target)" if t and t["note"] else "")
+        lines.append(
+            f"| {r['model']} | {r.get('params', 0) / 1e6:.1f} M | {r.get('flops', 0) / 1e9:.3f} | {after} | {ratio} "
+            f"| {dense} | {rounds} | {r.get('seconds', '')} | {status.replace('|', '/')} |"
+        )
+    return "\n".join(lines)
+
+
+def publish(text: str, doc: Path, marker: str) -> None:
+    """Replace the table between the markers `<!-- marker -->` and `<!-- /marker -->` in `doc`."""
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
     head, rest = doc.read_text().split(start, 1)
     _, tail = rest.split(end, 1)
-    doc.write_text(f"{head}{start}\n{table(rows)}\n{end}{tail}")
+    doc.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def main() -> None:
@@ -162,6 +229,7 @@ def main() -> None:
     parser.add_argument("--log", default=None, help="default: results/coverage/coverage-SIZE.jsonl")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per model and part")
     parser.add_argument("--only", nargs="*", help="these models (tv:NAME, timm:NAME) only")
+    parser.add_argument("--latency", action="store_true", help="the latency row, on its sample of the families")
     parser.add_argument("--doc", default="docs/any-cnn.md")
     args = parser.parse_args()
     import timm  # noqa: F401  imported once, before the children fork
@@ -169,19 +237,19 @@ def main() -> None:
     import torchvision  # noqa: F401
 
     torch.set_num_threads(1)  # one thread per child: forking a process that runs OpenMP teams can hang
-    log = Path(args.log or f"results/coverage/coverage-{args.size}.jsonl")
+    kind = "latency" if args.latency else "coverage"
+    log = Path(args.log or f"results/coverage/{kind}-{args.size}.jsonl")
     log.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(ln)["model"] for ln in log.read_text().splitlines()} if log.exists() else set()
-    for name in args.only or models():
+    for name in args.only or (LATENCY if args.latency else models()):
         if name not in done:
-            row = run(name, args.size, args.timeout)
+            row = run(name, args.size, args.timeout, ("latency",) if args.latency else ("chip", "tp"))
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(
-                f"{name}: {row['status']} ({row.get('seconds')} s); Torch-Pruning: {row.get('tp_status')}", flush=True
-            )
+            beside = "" if args.latency else f"; Torch-Pruning: {row.get('tp_status')}"
+            print(f"{name}: {row['status']} ({row.get('seconds')} s){beside}", flush=True)
     rows = [json.loads(ln) for ln in log.read_text().splitlines()]
-    publish(rows, Path(args.doc), args.size)
+    publish((latency_table if args.latency else table)(rows), Path(args.doc), f"{kind} {args.size}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """prune_model on the smallest member of every torchvision and timm CNN family, with random weights at a small
 input: the FLOPs target, shapes, train and eval mode, a dead channel first, the pruned model equal to the masked
-one; and the one-line error for a transformer."""
+one; prune_to_latency on a sample of the families, timed in eager PyTorch; and the one-line error for a
+transformer."""
 
 import copy
 import io
@@ -10,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from chipprune.graph import channel_classes, group_importance, prune_model
+from chipprune import latency
+from chipprune.graph import channel_classes, group_importance, prune_model, prune_to_latency
+from chipprune.latency import Runner, Table
 from chipprune.modelfile import ModelFile, load_model, unnamed_classes
 from chipprune.models import external
 from chipprune.models.external import TIMM_FAMILIES, TORCHVISION_FAMILIES
@@ -117,6 +120,35 @@ def test_half_the_flops_shapes_modes_dead_channel_masking_and_model_file(name, o
         assert torch.equal(load_model(tmp_path / "m.pt").model.eval()(x), pruned(x))  # bit-identical
     pruned.train()
     pruned(x).sum().backward()
+
+
+# The families whose groups span several layers (the latency table once asked them for a conv of 0 outputs), and two
+# of plain and inverted residuals.
+LATENCY_SAMPLE = [
+    "torchvision:shufflenet_v2_x0_5",
+    "timm:mixnet_s",
+    "timm:rexnet_100",
+    "torchvision:resnet18",
+    "timm:efficientnet_b0",
+]
+
+
+@pytest.mark.parametrize("name", LATENCY_SAMPLE)
+def test_half_the_latency_measured_in_eager_pytorch(name, one_thread, tmp_path):
+    model, x = build(name)
+    runner = Runner("eager", threads=1, repeats=3, warmup=1)  # a handful of runs: the search, not its precision
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned, report = prune_to_latency(model, x[:1], [x[:1]], 0.5, runner, cache=str(tmp_path))
+    missed = [w for w in caught if "latency_target 0.5: measured" in str(w.message)]
+    assert (report.pruned.median_ms <= report.target_ms) != bool(missed), "met, or said not to be"
+    assert 1 <= report.rounds <= latency.ROUNDS and report.measured_layers > 0
+    assert count_macs(pruned, x[:1]) < count_macs(model, x[:1])
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the table it cached reads back whole
+        assert len(Table.cached(runner, tmp_path).entries) == report.measured_layers
 
 
 def test_a_transformer_fails_at_once_in_one_line_naming_the_module_and_the_call(one_thread):

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -99,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e) or os.environ.get("CHIP_DEBUG"):
             raise
-        print(f"chip {args.command}: error: {memory_reason(e)}: try a smaller --batch-size", file=sys.stderr)
+        # sized_by: the option that sized the work, set beside it; none where no option did (import)
+        advice = f": try a smaller {args.sized_by}" if getattr(args, "sized_by", None) else ""
+        print(f"chip {args.command}: error: {memory_reason(e)}{advice}", file=sys.stderr)
         return 2
     return 0
 
@@ -118,12 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", type=arch, help="a registry architecture, or torchvision:NAME or timm:NAME")
     _add_source_options(p)
     p.add_argument("--sparsity", help="rates ('[0.]+[0.15]*2+[0.4]*27', '0,0.1,…') or a preset ('paper-1')")
-    p.add_argument("--round-to", type=positive, metavar="N", help="with --sparsity: widths at multiples of N")
+    p.add_argument(
+        "--round-to",
+        type=positive,
+        metavar="N",
+        help="with --sparsity: each width rounded to the nearest multiple of N, at least N (a layer narrower than N "
+        "keeps its width)",
+    )
     p.add_argument("--latency", action="store_true", help="also measure eval-mode latency on --device")
-    p.add_argument("--batch-sizes", type=_batch_sizes, default="1,64", help="batch sizes for --latency")
-    p.add_argument("--threads", type=positive, help="CPU threads for --latency (default: torch's)")
-    p.add_argument("--repeats", type=positive, default=30, help="timed runs per batch size, after 3 warm-up runs")
-    p.add_argument("--device", type=device, default="cpu", help="torch device for --latency")
+    timing, hidden = _ProfileTiming(), argparse.SUPPRESS  # given without --latency: refused
+    sizes = ",".join(map(str, timing.batch_sizes))
+    p.add_argument(
+        "--batch-sizes", type=_batch_sizes, default=hidden, help=f"with --latency: the batches timed (default: {sizes})"
+    )
+    p.add_argument("--threads", type=positive, default=hidden, help="with --latency: CPU threads (default: torch's)")
+    p.add_argument(
+        "--repeats",
+        type=positive,
+        default=hidden,
+        help=f"with --latency: timed runs per batch size, after 3 warm-up runs (default: {timing.repeats})",
+    )
+    p.add_argument(
+        "--device", type=device, default=hidden, help=f"with --latency: the torch device (default: {timing.device})"
+    )
     p.add_argument("--json", action="store_true", help="print JSON to stdout")
     p.set_defaults(run=cmd_profile)
 
@@ -141,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch-size", type=positive, default=1, help="the batch size the model is traced with")
     batch.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size")
+    p.set_defaults(sized_by="--batch-size")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("import", help="convert third-party weights into a chipprune model file", formatter_class=fmt)
@@ -191,16 +212,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="run in at most F x the dense model's measured latency on --runtime (docs/performance.md)",
     )
-    p.add_argument("--runtime", choices=RUNTIMES, default="eager", help="with --latency-target: what it is timed on")
+    hidden = argparse.SUPPRESS  # given without --latency-target: refused
     p.add_argument(
-        "--latency-batch-size", type=positive, default=1, metavar="B", help="with --latency-target: the batch timed"
+        "--runtime",
+        choices=RUNTIMES,
+        default=hidden,
+        help=f"with --latency-target: what it is timed on (default: {Runner.runtime})",
     )
-    p.add_argument("--threads", type=positive, help="with --latency-target: CPU threads (default: torch's)")
+    p.add_argument(
+        "--latency-batch-size",
+        type=positive,
+        default=hidden,
+        metavar="B",
+        help=f"with --latency-target: the batch timed (default: {Runner.batch_size})",
+    )
+    p.add_argument(
+        "--threads", type=positive, default=hidden, help="with --latency-target: CPU threads (default: torch's)"
+    )
     p.add_argument(
         "--repeats",
         type=positive,
-        default=20,
-        help="with --latency-target: timed runs per table entry, after 3 warm-up runs (3x that per whole-model check)",
+        default=hidden,
+        help="with --latency-target: timed runs per table entry, after 3 warm-up runs (3x that per whole-model check) "
+        f"(default: {Runner.repeats})",
     )
     p.add_argument(
         "--global",
@@ -212,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--round-to",
         type=positive,
         metavar="N",
-        help="keep channel counts at multiples of N (with --sparsity: each width rounded to the nearest, at least N "
-        "and at most the layer's; see docs/performance.md for what it buys)",
+        help="keep channel counts at multiples of N, at least N: with --sparsity each width rounded to the nearest, "
+        "with --flops-target and --ratio each group's kept count rounded down; a layer or group narrower than N "
+        "keeps its width (a warning names the groups); see docs/performance.md for what it buys",
     )
     p.add_argument("--out", required=True, help="the pruned model file to write")
     p.add_argument(
@@ -248,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset source (see README: CIFAR archive, image folder, tarball)")
     p.add_argument("--split", default="test", choices=("test", "val", "train"), help="which split")
     p.add_argument("--batch-size", type=positive, default=256, help="images per forward pass")
+    p.set_defaults(sized_by="--batch-size")
     p.add_argument("--limit", type=positive, help="evaluate a seeded random sample of N images (see --seed)")
     p.add_argument("--seed", type=seed, default=0, help="picks the --limit sample")
     p.add_argument("--workers", type=non_negative, default=0, help="loader processes for large images")
@@ -299,6 +335,7 @@ def _add_scoring_options(p: argparse.ArgumentParser, data_required: bool) -> Non
     p.add_argument("--criterion", choices=CRITERIA, default="chip", help="how channels are ranked")
     p.add_argument("--batches", type=positive, default=5, help="calibration batches")
     p.add_argument("--batch-size", type=positive, default=128, help="calibration batch size")
+    p.set_defaults(sized_by="--batch-size")
     p.add_argument("--seed", type=seed, default=0, help="picks the calibration images; seeds the random criterion")
     p.add_argument("--workers", type=non_negative, default=0, help="loader processes for large images")
     p.add_argument("--device", type=device, default=_default_device(), help="torch device")
@@ -337,6 +374,7 @@ def _add_training_options(p: argparse.ArgumentParser, default_preset: str) -> No
         default=hyper,
         help="global batch, split among torchrun processes and --accum micro-batches (default: the preset's)",
     )
+    p.set_defaults(sized_by="--batch-size")
     p.add_argument("--weight-decay", type=number(0), default=hyper, help="SGD weight decay (default: the preset's)")
     p.add_argument(
         "--momentum", type=number(0, 1, below=True), default=hyper, help="SGD momentum (default: the preset's)"
@@ -483,10 +521,21 @@ def _sizes_text(r: dict[str, Any]) -> str:
     )
 
 
+class _ProfileTiming(NamedTuple):
+    """How `chip profile --latency` times the model (each field an option of that name)."""
+
+    batch_sizes: Sequence[int] = (1, 64)
+    threads: int | None = None  # torch's
+    repeats: int = 30
+    device: str = "cpu"
+
+
 def cmd_profile(args: argparse.Namespace) -> None:
     """Print params and FLOPs."""
     if (args.model is None) == (args.arch is None):
         raise UsageError("give either a model file or --arch")
+    if not args.latency:
+        _only_with(args, _ProfileTiming._fields, "--latency")
     if args.model:
         if args.sparsity:
             raise UsageError("--sparsity applies to --arch; a model file already has its widths")
@@ -513,11 +562,13 @@ def cmd_profile(args: argparse.Namespace) -> None:
         result["round_to"], result["rounded"] = args.round_to, _rounded(arch, args.sparsity, args.round_to)
         text += "\n" + _rounded_text(result)
     if args.latency:
-        result["latency_ms"] = {
-            b: Runner("eager", b, args.threads, args.device, args.repeats).time(model, (3, size, size))._asdict()
-            for b in args.batch_sizes
-        }
-        result["threads"] = args.threads or torch.get_num_threads()
+        timing = _ProfileTiming(**{k: v for k, v in vars(args).items() if k in _ProfileTiming._fields})
+        result["latency_ms"] = {}
+        for b in timing.batch_sizes:
+            with _sized_by("--batch-sizes", b):
+                runner = Runner("eager", b, timing.threads, timing.device, timing.repeats)
+                result["latency_ms"][b] = runner.time(model, (3, size, size))._asdict()
+        result["threads"] = timing.threads or torch.get_num_threads()
         text += "".join(
             f"\nbatch {b}: {r['median_ms']:.2f} ms median ({r['min_ms']:.2f}–{r['max_ms']:.2f})"
             for b, r in result["latency_ms"].items()
@@ -654,11 +705,13 @@ def cmd_prune(args: argparse.Namespace) -> None:
         raise UsageError("--recalibrate-bn needs --data (its batches come from the train split)")
     if args.sparsity is not None and args.global_scope:
         raise UsageError("--global applies to --flops-target and --ratio")
+    if args.latency_target is None:
+        _only_with(args, _LATENCY_OPTIONS, "--latency-target")
     check_output(args.out, [args.scores, args.data, None if args.overwrite_input else args.model], hint=_OVERWRITE)
     mf = load_model(args.model)
     if args.latency_target is not None:
         pruned, how = _prune_latency(args, mf)
-        budget = {"latency_target": args.latency_target, "runtime": args.runtime}
+        budget = {"latency_target": args.latency_target, "runtime": how["latency"]["runtime"]}
     elif args.sparsity is None:
         pruned, how = _prune_graph(args, mf)
         budget = {
@@ -708,7 +761,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     if "latency" in how:
         t = how["latency"]
         text += (
-            f"\nlatency ({args.runtime}, batch {args.latency_batch_size}, {t['threads']} threads): dense "
+            f"\nlatency ({t['runtime']}, batch {t['batch_size']}, {t['threads']} threads): dense "
             f"{t['dense_ms']:.3f} ms, pruned {t['pruned_ms']:.3f} ms measured ({t['pruned_ms'] / t['dense_ms']:.3f}x;"
             f" predicted {t['predicted_ms']:.3f} ms) after {t['rounds']} round(s)"
         )
@@ -722,22 +775,24 @@ def _prune_latency(args: argparse.Namespace, mf: ModelFile) -> tuple[torch.nn.Mo
     if launched():
         raise UsageError("--latency-target runs in one process; run it without torchrun")
     importance, how = _graph_scores(args, mf)
-    try:
-        runner = Runner(args.runtime, args.latency_batch_size, args.threads, args.device, args.repeats)
-        pruned, report = prune_to_latency(
-            mf.model.to(args.device),
-            torch.zeros(1, 3, mf.input_size, mf.input_size, device=args.device),
-            (),
-            args.latency_target,
-            runner,
-            ignored_layers=_heads(mf.model),
-            importance=importance,
-            progress=True,
-        )
-    except ImportError as e:
-        raise UsageError(f"{e}: install the export extra, pip install 'chipprune[export]'") from None
-    except ValueError as e:
-        raise _pruning_error(e, args) from None
+    given = {field: getattr(args, option) for option, field in _LATENCY_OPTIONS.items() if option in args}
+    runner = Runner(device=args.device, **given)
+    with _sized_by("--latency-batch-size", runner.batch_size):
+        try:
+            pruned, report = prune_to_latency(
+                mf.model.to(args.device),
+                torch.zeros(1, 3, mf.input_size, mf.input_size, device=args.device),
+                (),
+                args.latency_target,
+                runner,
+                ignored_layers=_heads(mf.model),
+                importance=importance,
+                progress=True,
+            )
+        except ImportError as e:
+            raise UsageError(f"{e}: install the export extra, pip install 'chipprune[export]'") from None
+        except ValueError as e:
+            raise _pruning_error(e, args) from None
     how["latency"] = {
         "dense_ms": report.dense.median_ms,
         "dense_spread_ms": [report.dense.min_ms, report.dense.max_ms],
@@ -747,10 +802,40 @@ def _prune_latency(args: argparse.Namespace, mf: ModelFile) -> tuple[torch.nn.Mo
         "target_ms": report.target_ms,
         "rounds": report.rounds,
         "layers_measured": report.measured_layers,
-        "threads": args.threads or torch.get_num_threads(),
-        "batch_size": args.latency_batch_size,
+        "runtime": runner.runtime,
+        "threads": runner.threads or torch.get_num_threads(),
+        "batch_size": runner.batch_size,
     }
     return _with_widths(pruned.cpu(), mf), how
+
+
+# The options of --latency-target, by their dest, and the Runner field each sets.
+_LATENCY_OPTIONS = {
+    "runtime": "runtime",
+    "latency_batch_size": "batch_size",
+    "threads": "threads",
+    "repeats": "repeats",
+}
+
+
+def _only_with(args: argparse.Namespace, dests: Iterable[str], option: str) -> None:
+    """UsageError naming the options among `dests` (given without a default) that were given: they apply to `option`,
+    which was not."""
+    given = ["--" + dest.replace("_", "-") for dest in dests if dest in args]
+    if given:
+        raise UsageError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to {option}")
+
+
+@contextlib.contextmanager
+def _sized_by(option: str, size: int) -> Iterator[None]:
+    """Running out of memory inside is a UsageError that advises a smaller `option`, the one that sized the work,
+    where it is above 1."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e) or os.environ.get("CHIP_DEBUG"):
+            raise
+        raise UsageError(memory_reason(e) + (f": try a smaller {option}" if size > 1 else "")) from None
 
 
 _OVERWRITE = " (or --overwrite-input, where it is the model file, to replace it)"

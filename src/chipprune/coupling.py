@@ -20,7 +20,7 @@ dependency Torch-Pruning could not map)."""
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, cast
 
@@ -276,6 +276,20 @@ def removal(groups: list[Group], chosen: Iterable[Iterable[int]]) -> dict[Space,
                 for space, i in group.classes[position]:
                     cut[space].add(i)
     return {space: sorted(idxs) for space, idxs in cut.items()}
+
+
+def removable(group: Group, order: list[int]) -> int:
+    """How many of the group's units can go, in `order`, while every space holding its channels keeps one of them
+    and the group keeps a unit: a group can span several layers' channels (the channel-shuffled stages of ShuffleNet,
+    MixNet's split convs, RexNet's partial residuals), and its last units can be one layer's whole width."""
+    left = Counter(space for cls in group.classes for space, _ in cls)
+    for n, unit in enumerate(order[: len(order) - 1]):
+        for position in group.units[unit]:
+            for space, _ in group.classes[position]:
+                left[space] -= 1
+                if not left[space]:
+                    return n
+    return max(len(order) - 1, 0)
 
 
 def remove(

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from . import latency, tracing
 from .calibrate import Tap, score_maps
-from .coupling import LAYERS, Cost, Group, Space, costs, couple, macs_after, removal, remove
+from .coupling import LAYERS, Cost, Group, Space, costs, couple, macs_after, removable, removal, remove
 from .criteria import L1, ActivationCriterion, Criterion, WeightCriterion, get_criterion
 from .latency import Report, Runner
 from .models.resnet_cifar import PRUNERS, traceable
@@ -105,9 +105,11 @@ def prune_model(
         raise ValueError(f"pruning_ratio: no module named {', '.join(unknown)} in the model")
     analysis = _analyse(model, example_inputs, calibration, criterion, ignored_layers, names, importance)
     order = [_ranking(analysis.importance[g.root], g) for g in analysis.groups]
+    least = [len(g.units) - removable(g, units) for g, (units, _) in zip(analysis.groups, order, strict=True)]
+    _warn_narrow(analysis.groups, round_to)
 
     def cut(ratio: float | list[float]) -> dict[Space, list[int]]:
-        return removal(analysis.groups, _choose(analysis.groups, order, ratio, scope == "global", round_to))
+        return removal(analysis.groups, _choose(analysis.groups, order, least, ratio, scope == "global", round_to))
 
     if flops_target is None:
         assert pruning_ratio is not None
@@ -513,27 +515,38 @@ def _ratio_of(group: Group, analysis: _Analysis, ratios: dict[str, float]) -> fl
     return 0.0
 
 
-def _kept(units: int, kept: int, round_to: int | None) -> int:
-    """At least one unit, and with round_to, a multiple of it where one fits."""
-    kept = max(kept, 1)
-    if round_to and kept >= round_to:
-        kept -= kept % round_to
+def _kept(units: int, kept: int, least: int, round_to: int | None) -> int:
+    """At least `least` units; with round_to, a multiple of it, at least round_to: a group narrower than round_to keeps
+    all its units (no smaller count of it is a multiple), as --sparsity's widths do."""
+    kept = max(kept, least)
+    if round_to:
+        kept = max(round_to, kept - kept % round_to, -(-least // round_to) * round_to)
     return min(kept, units)
+
+
+def _warn_narrow(groups: list[Group], round_to: int | None) -> None:
+    """Name the groups that round_to leaves whole, being narrower than it."""
+    narrow = [g.root for g in groups if round_to and 0 < len(g.units) < round_to]
+    if narrow:
+        shown = ", ".join(narrow[:4]) + (f", ... ({len(narrow)} groups)" if len(narrow) > 4 else "")
+        warnings.warn(f"round_to {round_to}: groups of fewer units keep them all: {shown}", stacklevel=3)
 
 
 def _choose(
     groups: list[Group],
     order: list[tuple[list[int], list[float]]],
+    least: list[int],
     ratio: float | list[float],
     global_scope: bool,
     round_to: int | None,
 ) -> list[list[int]]:
     """The units each group loses: per group, the fraction `ratio` of its units (a list: one ratio per group), or
-    with global scope the fraction `ratio` of all groups' units, the least important across groups."""
+    with global scope the fraction `ratio` of all groups' units, the least important across groups; each group keeps
+    at least its `least` units (every layer one channel: coupling.removable)."""
     sizes = [len(g.units) for g in groups]
     if not global_scope:
         ratios = ratio if isinstance(ratio, list) else [ratio] * len(groups)
-        keep = [_kept(n, int(n * (1 - r)), round_to) for n, r in zip(sizes, ratios, strict=True)]
+        keep = [_kept(n, int(n * (1 - r)), low, round_to) for n, r, low in zip(sizes, ratios, least, strict=True)]
     else:
         assert isinstance(ratio, float | int)
         total = sum(sizes)
@@ -541,7 +554,7 @@ def _choose(
         lost = [0] * len(groups)
         for _, g, _ in pooled[: total - int(total * (1 - ratio))]:
             lost[g] += 1
-        keep = [_kept(n, n - lost_g, round_to) for n, lost_g in zip(sizes, lost, strict=True)]
+        keep = [_kept(n, n - lost_g, low, round_to) for n, lost_g, low in zip(sizes, lost, least, strict=True)]
     return [units[: n - k] for (units, _), n, k in zip(order, sizes, keep, strict=True)]
 
 

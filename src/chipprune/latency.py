@@ -23,11 +23,15 @@ latency is measured, never assumed:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
+import math
 import os
 import platform
+import reprlib
+import stat
 import statistics
 import time
 import warnings
@@ -41,8 +45,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .coupling import Cost, Group, Space, removal
-from .fileio import atomic_write, cache_root
+from .coupling import Cost, Group, Space, removable, removal
+from .fileio import atomic_write, cache_root, kind, read_file, reason
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
 ROUNDS = 8  # whole-model checks at most (a check of ResNet-56 at batch 64 under onnxruntime: 26 s)
@@ -52,6 +56,12 @@ BISECTIONS = 20  # halvings of the fraction removed: 1e-6 of a group, below one 
 BLOCK = 10  # timed runs of one module in a row, when several are timed side by side
 CHECKS = 3  # a whole-model check times CHECKS x --repeats runs of each model: it decides, and is noisier than a layer
 BAND = 0.95  # a measured latency within [BAND x target, target] ends the search; below it, the choice backs off
+KINDS = ("conv", "depthwise", "linear")  # a Layer's kinds
+TABLE_LIMIT = 64 << 20  # bytes of a cached table at most: ResNet-56's, batch 64 under onnxruntime, is 60 kB
+
+
+class CacheError(ValueError):
+    """A cached latency table that cannot be used: the message is one line naming it and saying why."""
 
 
 class Timing(NamedTuple):
@@ -137,7 +147,7 @@ class Runner:
         if self.runtime == "torchscript":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                traced = torch.jit.freeze(torch.jit.trace(module, x))
+                traced = torch.jit.freeze(torch.jit.trace(_unshared(module), x))
             return lambda: lambda: traced(x)
         import onnxruntime  # the optional `export` extra
 
@@ -155,6 +165,28 @@ class Runner:
             return lambda: opened.run(None, feed)
 
         return session
+
+
+def _unshared(module: nn.Module) -> nn.Module:
+    """`module`, or where a submodule holds one tensor under two names, a copy holding a clone under the second:
+    torch.jit.trace refuses the first ("TracedModules don't support parameter sharing between modules"), and a pruned
+    CIFAR ResNet's identity shortcuts hold their channel map as both src and dst."""
+
+    def repeats(m: nn.Module) -> bool:
+        ids = [id(t) for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        return len(ids) != len(set(ids))
+
+    if not any(repeats(m) for m in module.modules()):
+        return module
+    module = copy.deepcopy(module)
+    for m in module.modules():
+        seen = set()
+        for name, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is not None and id(t) in seen:
+                clone = t.detach().clone()
+                setattr(m, name, nn.Parameter(clone, t.requires_grad) if isinstance(t, nn.Parameter) else clone)
+            seen.add(id(t))
+    return module
 
 
 def _processor(device: str) -> str:
@@ -225,11 +257,18 @@ class Table:
 
     @classmethod
     def cached(cls, runner: Runner, folder: str | os.PathLike | None = None) -> Table:
-        """The table of `runner` under `folder` (default CHIP_CACHE_DIR/latency), with what it holds already."""
+        """The table of `runner` under `folder` (default CHIP_CACHE_DIR/latency), with what it holds already. A
+        table that is not one as Table.save writes it is measured again, with a warning; one at a path that is not
+        a regular file (a link, a FIFO, a device) is neither read nor written."""
         path = cache_root(folder) / "latency" / f"{runner.key}.json"
         table = cls(runner, path)
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            table.entries = {k: Timing(*v) for k, v in json.loads(path.read_text()).items()}
+        if not os.path.lexists(path):
+            return table
+        try:
+            table.entries = _read_table(path)
+        except CacheError as e:
+            table.path = None if _foreign(path) else path
+            warnings.warn(f"{e}; measuring it again" + ("" if table.path else ", not caching it"), stacklevel=2)
         return table
 
     def ms(self, layer: Layer, inputs: int, outputs: int) -> float:
@@ -256,11 +295,91 @@ class Table:
         """Write the cache (where there is a path and it can be written: a cache, not a result)."""
         if self.path is None:
             return
+        foreign = _foreign(self.path)
+        if foreign:
+            warnings.warn(f"not caching the latency table: {self.path} is {foreign}", stacklevel=2)
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, json.dumps({k: list(v) for k, v in self.entries.items()}).encode())
         except OSError as e:
             warnings.warn(f"not caching the latency table ({e}); set CHIP_CACHE_DIR to a writable folder", stacklevel=2)
+
+
+def _read_table(path: Path) -> dict[str, Timing]:
+    """The entries of the table cached at `path`, or CacheError: where it is not a regular file (a FIFO is never
+    waited on, a link never followed), not a JSON object, or holds an entry Table.save would not have written."""
+    foreign = _foreign(path)
+    if foreign:
+        raise CacheError(f"{path} is {foreign}, not a latency table")
+    data = read_file(path, limit=TABLE_LIMIT, what="latency table", error=CacheError)
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise CacheError(f"latency table {path} is damaged: not JSON ({reason(e)})") from None
+    if not isinstance(raw, dict):
+        raise CacheError(f"latency table {path} is damaged: a JSON {type(raw).__name__}, not an object")
+    entries = {}
+    for key, value in raw.items():
+        timing = _timing(value)
+        if timing is None or not _is_key(key):
+            raise CacheError(
+                f"latency table {path} is damaged: entry {reprlib.repr(key)} holds {reprlib.repr(value)}, not a timing"
+            )
+        entries[key] = timing
+    return entries
+
+
+def _foreign(path: Path) -> str | None:
+    """What is at `path` where it is neither nothing nor a regular file: the cache is never read or written through
+    a symbolic link (one planted there would have its target replaced by the table), nor waits on a FIFO."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"unreadable ({e.strerror or reason(e)})"
+    if stat.S_ISREG(mode):
+        return None
+    return "a symbolic link" if stat.S_ISLNK(mode) else kind(path)
+
+
+def _timing(value: object) -> Timing | None:
+    """A cached entry's Timing, where it is one: three finite positive milliseconds, the median between the others."""
+    if not isinstance(value, list) or len(value) != len(Timing._fields):
+        return None
+    if not all(type(v) in (int, float) and math.isfinite(v) and v > 0 for v in value):
+        return None
+    timing = Timing(*map(float, value))
+    return timing if timing.min_ms <= timing.median_ms <= timing.max_ms else None
+
+
+def _is_key(key: str) -> bool:
+    """Whether `key` is one the table writes: "call", or a Layer's fields and its channel counts, as JSON."""
+    if key == "call":
+        return True
+    try:
+        fields = json.loads(key)
+    except (ValueError, RecursionError):
+        return False
+    if not isinstance(fields, list) or len(fields) != len(Layer._fields) + 2:
+        return False
+    kind, *pairs, groups, size, inputs, outputs = fields
+
+    def counts(values: object, least: int, length: int | None = None) -> bool:
+        return (
+            isinstance(values, list)
+            and (length is None and len(values) <= 2 or len(values) == length)
+            and all(type(v) is int and v >= least for v in values)
+        )
+
+    return (
+        kind in KINDS
+        and all(counts(p, 0, 2) for p in pairs)
+        and counts(size, 1)
+        and counts([groups, inputs, outputs], 1, 3)
+        and json.dumps(fields) == key
+    )
 
 
 class Trial(NamedTuple):
@@ -296,6 +415,7 @@ class Choice:
     scale: float  # the dense model's measured time per millisecond of its layers' entries
     touched: list[list[int]]  # each group's costs: those whose input or output channels it holds
     holders: dict[Space, list[int]]  # each space's groups
+    most: list[int]  # the most units each group can give up: every layer keeps a channel (coupling.removable)
     removed: list[int] = field(default_factory=list)  # how many units each group has given up
     current: list[float] = field(default_factory=list)  # each cost's table entry at `removed`
     counts: dict[tuple[int, int], dict[Space, int]] = field(default_factory=dict)  # (group, units) -> cut per space
@@ -317,7 +437,8 @@ class Choice:
         # ReLUs and layout reorders took 0.9 of 3.0 ms, and the reorders doubled in number once pruned. A fixed rest
         # put a floor under the prediction (1.06 ms, 0.5x) that the model, measured, did not have.
         scale = dense_ms / full if full > 0 else 1.0
-        choice = cls(groups, costs, layers, table, orders, scale, touched, holders)
+        most = [removable(g, order) for g, order in zip(groups, orders, strict=True)]
+        choice = cls(groups, costs, layers, table, orders, scale, touched, holders, most)
         choice.reset()
         return choice
 
@@ -414,10 +535,10 @@ def choose(choice: Choice, fraction: float, goal_ms: float) -> None:
 
 
 def _uniform(choice: Choice, fraction: float) -> None:
-    """Each group gives up `fraction` of its units (rounded; it keeps one)."""
+    """Each group gives up `fraction` of its units (rounded; at most the units it can give up)."""
     choice.reset()
     for g, group in enumerate(choice.groups):
-        n = min(round(fraction * len(group.units)), len(group.units) - 1)
+        n = min(round(fraction * len(group.units)), choice.most[g])
         if n:
             choice.set(g, n)
 
