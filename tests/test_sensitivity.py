@@ -290,3 +290,15 @@ def test_measured_widths_are_distinct_narrower_and_at_least_one(units):
     kept = sensitivity.measured_widths(units)
     assert kept == sorted(set(kept), reverse=True)
     assert all(1 <= k < units for k in kept)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 128, 300])
+@pytest.mark.parametrize(("recalibration", "evaluation"), [(4, 6), (256, 1024), (5, 0)])
+def test_split_sample_takes_the_images_in_order_and_cuts_batches(batch, recalibration, evaluation):
+    images = torch.arange(2000.0)
+    batches = [(images[i : i + batch, None], images[i : i + batch].long()) for i in range(0, 2000, batch)]
+    held = sensitivity.split_sample(iter(batches), recalibration, evaluation)
+    recal = torch.cat([y for _, y in held.recalibration]) if held.recalibration else torch.zeros(0)
+    assert recal.tolist() == list(range(recalibration))
+    evaluated = [int(v) for _, y in held.evaluation for v in y]
+    assert evaluated == list(range(recalibration, recalibration + evaluation))

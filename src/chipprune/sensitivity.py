@@ -96,6 +96,22 @@ class Pruned(NamedTuple):
     curves: Curves
 
 
+def split_sample(batches: Iterable[Batch], recalibration: int = 256, evaluation: int = 1024) -> Sample:
+    """A Sample of the first `recalibration` images of `batches` and the `evaluation` after them (what
+    results/sensitivity measured ResNet-56 with: 256 and 1,024 training images after the 640 scored)."""
+    sizes, parts = [recalibration, evaluation], [list[Batch](), list[Batch]()]
+    for x, y in batches:
+        for i in (0, 1):
+            take = min(len(x), sizes[i])
+            if take:
+                parts[i].append((x[:take], y[:take]))
+                sizes[i] -= take
+                x, y = x[take:], y[take:]
+        if not any(sizes):
+            break
+    return Sample(*parts)
+
+
 def measured_widths(units: int, ratios: Iterable[float] = RATIOS) -> list[int]:
     """The widths a group of `units` is measured at: each ratio's, rounded, at least 1, each once, widest first."""
     kept = {max(1, round((1 - r) * units)) for r in ratios}
