@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from chipprune.allocation import FLOOR
+from chipprune.allocation import FLOOR, Curve
 from chipprune.calibrate import recalibrate_bn
 from chipprune.data import load_split
 from chipprune.evaluate import evaluate
@@ -50,13 +50,13 @@ from chipprune.graph import group_importance
 from chipprune.modelfile import load_model
 from chipprune.models import RegistryModel, rewidth
 from chipprune.profile import count_flops, count_params
-from chipprune.sensitivity import Curves, Sample, prune_by_sensitivity, sensitivity_curves
+from chipprune.sensitivity import Curves, Sample, prune_by_sensitivity, sensitivity_curves, split_sample
 
 OUT = Path("results/sensitivity")
 LOG = OUT / "runs.jsonl"
 RUNS = Path("runs/sensitivity")
 CALIBRATION = (5, 128)  # the CLI's scoring default: batches x images, seed 0
-SAMPLE = (2, 8)  # batches of 128 after the scoring images: BatchNorm re-estimation, then the loss
+SAMPLE = (256, 1024)  # images after the scoring ones: BatchNorm re-estimation, then the loss
 RECAL_BATCHES = 4  # as `chip prune --recalibrate-bn 4`: 4 x 128 images of the seed+1 order
 SEEDS = (0, 1)
 FINETUNE = ["--teacher", "parent", "--epochs", "1", "--train-subset", "10000", "--warmup-epochs", "0"]
@@ -150,11 +150,11 @@ class Setup:
         self.train = load_split(self.data, "train", progress=False)
         self.test = load_split(self.data, "test", progress=False)
         count, size = CALIBRATION
-        ordered = list(
-            self.mf.batches(self.train, size, shuffle=True, seed=0, limit=size * (count + sum(SAMPLE)))
-        )  # the CLI's scoring images first, then the sample's
-        self.calibration = [x for x, _ in ordered[:count]]
-        self.sample = Sample(ordered[count : count + SAMPLE[0]], ordered[count + SAMPLE[0] :])
+        scored, sampled = count * size, sum(SAMPLE)
+        # The CLI's scoring images (`chip prune --seed 0`: 5 x 128), then the sample's, in the same seeded order.
+        self.calibration = [x for x, _ in self.mf.batches(self.train, size, shuffle=True, seed=0, limit=scored)]
+        rest = self.mf.batches(self.train, size, shuffle=True, seed=0, limit=scored + sampled, start=count)
+        self.sample = split_sample(rest, *SAMPLE)
         self._importance: dict[str, Tensor] | None = None
 
     @property
@@ -215,7 +215,7 @@ def curves(setup: Setup) -> Curves:
                 "step": "curves",
                 "model": "resnet56",
                 "api": "sensitivity_curves(model, example, group_importance(model, example, 5 x 128 train images, "
-                "seed 0), Sample(next 2 x 128, next 8 x 128), ignored_layers=[fc])",
+                "seed 0), split_sample(the next 256 + 1024), ignored_layers=[fc])",
                 "scoring_s": scored,
                 "wall_s": found.seconds,
                 "points": found.measured,
@@ -388,24 +388,49 @@ def library(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- tables
 
 
+def predicted(widths: dict[str, int], found: dict[str, Any]) -> float:
+    """The additive model's loss increment for a ResNet-56's widths: each group's curve at the width of its root
+    conv (the stem's group at its blocks' width: paper-1 keeps 16 stem channels and 13 in the blocks)."""
+    dense = found["dense"]["loss"]
+    total = 0.0
+    for root, points in found["curves"].items():
+        width = widths["layer1.0.conv2" if root == "conv1" else root]
+        units = widths_of_parent(root)
+        curve = Curve((units, *(p[0] for p in points)), (0.0, *(p[1] - dense for p in points)))
+        total += curve.at(width)
+    return total
+
+
+def widths_of_parent(root: str) -> int:
+    """The dense width of a ResNet-56 group: 16, 32 or 64 channels by its stage."""
+    return 16 if root == "conv1" or root.startswith("layer1") else 32 if root.startswith("layer2") else 64
+
+
 def table(_: argparse.Namespace) -> None:
     """Markdown tables of the logged ResNet-56 results and library timings."""
     rows = read_log()
-    print("| allocation | params | FLOPs | top-1 pruned | top-1 BN (s0 / s1) | sample loss | top-1 1 epoch (s0 / s1) |")
+    found = next(r for r in rows if r["step"] == "curves")
+    print(
+        "| allocation | params | FLOPs | top-1 pruned | top-1 BN (s0 / s1) | sample loss BN (predicted) "
+        "| top-1 1 epoch (s0 / s1) |"
+    )
     print("|---|---|---|---|---|---|---|")
+    dense = found["dense"]["loss"]
     for config in (*BASELINES, *ALLOCATIONS):
         pruned = next((r for r in rows if r["step"] == "prune" and r["config"] == config), None)
         bn = next((r for r in rows if r["step"] == "bn" and r["config"] == config), None)
         ft = {r["seed"]: r["test_top1"] for r in rows if r["step"] == "finetune" and r["config"] == config}
-        if pruned is None:
+        if pruned is None or bn is None:
             continue
-        bn_text = (
-            f"{bn['top1']:.2f} | {bn['top1_bn_s0']:.2f} / {bn['top1_bn_s1']:.2f} | {bn['sample_loss']:.3f}"
-            if bn
-            else "| |"
+        guess = dense + predicted(pruned["widths"], found)
+        print(
+            f"| {config} | {pruned['params']:,} | {pruned['flops'] / 1e6:.2f} M | {bn['top1']:.2f} | "
+            f"{bn['top1_bn_s0']:.2f} / {bn['top1_bn_s1']:.2f} | {bn['sample_loss']:.3f} ({guess:.3f}) | "
+            + " / ".join(f"{ft[s]:.2f}" for s in SEEDS if s in ft)
+            + " |"
         )
-        ft_text = " / ".join(f"{ft[s]:.2f}" for s in SEEDS if s in ft)
-        print(f"| {config} | {pruned['params']:,} | {pruned['flops'] / 1e6:.2f} M | {bn_text} | {ft_text} |")
+    print(f"\ndense: sample loss {dense:.3f}, top-1 {found['dense']['top1']:.2f} on the sample")
+    print(f"curves: {found['points']} points in {found['wall_s']:.0f} s, scoring {found['scoring_s']:.0f} s")
     for r in rows:
         if r["step"] == "library":
             print(
