@@ -17,18 +17,18 @@ from pathlib import Path
 
 import torch
 
-from chipprune.export import export
-from chipprune.latency import Runner
-from chipprune.modelfile import ModelFile
+from chipprune.deploy.export import export
+from chipprune.files.modelfile import ModelFile
 from chipprune.models import create_model
 from chipprune.profile import count_flops
+from chipprune.pruning.latency import Runner
 from resnet56_configs import CONFIGS, configs
 
 BATCHES = (1, 64)
 
 
 def eager_ms(model: torch.nn.Module, batch: int, repeats: int, device: str = "cpu") -> float:
-    """Median milliseconds of one eager PyTorch forward pass (chipprune.latency.Runner)."""
+    """Median milliseconds of one eager PyTorch forward pass (chipprune.pruning.latency.Runner)."""
     return Runner("eager", batch, device=device, repeats=repeats).time(model, (3, 32, 32)).median_ms
 
 

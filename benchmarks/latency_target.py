@@ -22,9 +22,9 @@ from pathlib import Path
 
 from chipprune.calibrate import recalibrate_bn
 from chipprune.data import load_split
-from chipprune.latency import Runner
-from chipprune.modelfile import load_model
+from chipprune.files.modelfile import load_model
 from chipprune.profile import count_flops, count_params
+from chipprune.pruning.latency import Runner
 
 
 def chip(*args: str) -> dict:

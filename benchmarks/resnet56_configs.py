@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from chipprune.sparsity import widths
+from chipprune.pruning.sparsity import widths
 
 
 class Config(NamedTuple):

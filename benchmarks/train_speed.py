@@ -7,7 +7,7 @@ plain: the CHIP authors' CIFAR-10 loop. A Dataset turns one uint8 image at a tim
 crops 32 x 32 at random, flips it with probability 1/2, converts and normalizes it (torchvision's RandomCrop,
 RandomHorizontalFlip, ToTensor, Normalize, written out without torchvision); a DataLoader (shuffled, --workers
 processes, 1 as theirs) batches them; float32 forward and backward, loss.item() every step.
-chipprune: chipprune.train.fit on the same images and model: the uint8 images on the device, cropped and flipped
+chipprune: chipprune.training.loop.fit on the same images and model: the uint8 images on the device, cropped and flipped
 there in batched tensor ops; in float32, and with --amp auto (bf16 autocast + channels_last where the device computes
 bf16 natively); with a dense teacher (distillation) for --teacher-configs; with torch.compile on a GPU.
 
@@ -34,12 +34,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from chipprune.data import ImageSplit
-from chipprune.distributed import Place
-from chipprune.modelfile import CIFAR10_CLASSES, NORMALIZATIONS, ModelFile
+from chipprune.files.modelfile import CIFAR10_CLASSES, NORMALIZATIONS, ModelFile
 from chipprune.models import RegistryModel, create_model
-from chipprune.precision import Precision, choose
 from chipprune.profile import count_flops
-from chipprune.train import PRESETS, fit
+from chipprune.training.distributed import Place
+from chipprune.training.loop import PRESETS, fit
+from chipprune.training.precision import Precision, choose
 from resnet56_configs import CONFIGS, configs
 
 CIFAR_TRAIN_IMAGES = 50_000

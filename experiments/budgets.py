@@ -21,17 +21,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from chipprune import sparsity
 from chipprune.calibrate import recalibrate_bn, score_layers
 from chipprune.criteria import CHIP
 from chipprune.data import ImageSplit, batches, load_split
-from chipprune.evaluate import evaluate
-from chipprune.fileio import save_json
-from chipprune.graph import group_importance, prune_model
-from chipprune.latency import Runner
-from chipprune.modelfile import ModelFile, load_model
+from chipprune.files.fileio import save_json
+from chipprune.files.modelfile import ModelFile, load_model
 from chipprune.profile import count_flops, count_params
-from chipprune.surgery import prune
+from chipprune.pruning import sparsity
+from chipprune.pruning.graph import group_importance, prune_model
+from chipprune.pruning.latency import Runner
+from chipprune.pruning.registry import prune
+from chipprune.training.evaluate import evaluate
 
 SIZE = 32  # CIFAR images
 

@@ -77,8 +77,8 @@ def one(name: str, size: int, part: str) -> dict:
     """One model's row: `part` "chip" (prune_model) or "tp" (Torch-Pruning alone)."""
     import torch
 
-    from chipprune.graph import prune_model
     from chipprune.profile import count_macs, count_params
+    from chipprune.pruning.graph import prune_model
 
     torch.manual_seed(0)
     size = max(size, 96) if "inception" in name else size  # its stem needs 75 pixels at least
@@ -118,8 +118,8 @@ def one(name: str, size: int, part: str) -> dict:
 
 def _latency(model: Any, x: Any) -> tuple[Any, dict]:
     """prune_to_latency at LATENCY_TARGET (eager, one thread, 3 runs per table entry, a table of its own), and how."""
-    from chipprune.graph import prune_to_latency
-    from chipprune.latency import Runner
+    from chipprune.pruning.graph import prune_to_latency
+    from chipprune.pruning.latency import Runner
 
     runner = Runner("eager", threads=1, repeats=3, warmup=1)
     with tempfile.TemporaryDirectory() as cache, warnings.catch_warnings(record=True) as caught:

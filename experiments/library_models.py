@@ -95,7 +95,7 @@ def reload(model_file: Path, onnx: Path) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
-    from chipprune.modelfile import load_model
+    from chipprune.files.modelfile import load_model
 
     first = load_model(model_file)
     copy = model_file.with_suffix(".safetensors")

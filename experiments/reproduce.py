@@ -305,7 +305,7 @@ def step_scores(ctx: Ctx) -> None:
 
 def write_configs() -> None:
     """Per-layer widths, params and FLOPs of every configuration (for the kept-channels plot and the tables)."""
-    from chipprune import sparsity
+    from chipprune.pruning import sparsity
 
     rows: dict[str, Any] = {}
     for name, rates in [("dense", None), *CONFIGS.items()]:
@@ -480,7 +480,7 @@ def step_stability(ctx: Ctx, criteria: list[str], sets: int = 4, per_set: int = 
     from chipprune.calibrate import score_layers
     from chipprune.criteria import get_criterion
     from chipprune.data import batches, load_split
-    from chipprune.modelfile import load_model
+    from chipprune.files.modelfile import load_model
 
     need(BASE, "baseline")
     path = OUT / "stability.json"

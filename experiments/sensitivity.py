@@ -6,7 +6,7 @@
 
 ResNet-56 (the public weights, `chip import --normalize imagenet`) on the JPEG CIFAR-10, pruned to the FLOPs of
 paper-1 four ways: paper-1's hand-set rates (`chip prune --sparsity paper-1`), one ratio for every group (`chip prune
---flops-target F`), one global ranking (`--global`), and the widths chipprune.sensitivity allocates; plus ablations of
+--flops-target F`), one global ranking (`--global`), and the widths pruning/sensitivity.py allocates; plus ablations of
 the allocation (its floor, its signal) right after BatchNorm re-estimation. Each is evaluated on the 10,000 test
 images right after pruning, after BatchNorm re-estimation (4 x 128 training images, as `chip prune --recalibrate-bn
 4`, two sample seeds), and after one distilled epoch of 10,000 images (`chip finetune --teacher parent --epochs 1
@@ -41,16 +41,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from chipprune.allocation import FLOOR, Curve
 from chipprune.calibrate import recalibrate_bn
 from chipprune.data import load_split
-from chipprune.evaluate import evaluate
-from chipprune.fileio import sha256
-from chipprune.graph import group_importance
-from chipprune.modelfile import load_model
+from chipprune.files.fileio import sha256
+from chipprune.files.modelfile import load_model
 from chipprune.models import RegistryModel, rewidth
 from chipprune.profile import count_flops, count_params
-from chipprune.sensitivity import Curves, Sample, prune_by_sensitivity, sensitivity_curves, split_sample
+from chipprune.pruning.allocation import FLOOR, Curve
+from chipprune.pruning.graph import group_importance
+from chipprune.pruning.sensitivity import Curves, Sample, prune_by_sensitivity, sensitivity_curves, split_sample
+from chipprune.training.evaluate import evaluate
 
 OUT = Path("results/sensitivity")
 LOG = OUT / "runs.jsonl"

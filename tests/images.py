@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from chipprune.modelfile import CIFAR10_CLASSES, ModelFile
+from chipprune.files.modelfile import CIFAR10_CLASSES, ModelFile
 from chipprune.models import create_model
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from chipprune.cli import main
-from chipprune.graph import prune_model
-from chipprune.modelfile import load_model
+from chipprune.files.modelfile import load_model
 from chipprune.models import create_model
+from chipprune.pruning.graph import prune_model
 from command import run
 
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from chipprune import latency
-from chipprune.graph import channel_classes, group_importance, prune_model, prune_to_latency
-from chipprune.latency import Runner, Table
-from chipprune.modelfile import ModelFile, load_model, unnamed_classes
+from chipprune.files.modelfile import ModelFile, load_model, unnamed_classes
 from chipprune.models import external
 from chipprune.models.external import TIMM_FAMILIES, TORCHVISION_FAMILIES
 from chipprune.profile import count_macs
+from chipprune.pruning import latency
+from chipprune.pruning.graph import channel_classes, group_importance, prune_model, prune_to_latency
+from chipprune.pruning.latency import Runner, Table
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from chipprune.export import Normalized, export, relative_error, run_exported
-from chipprune.latency import Runner
-from chipprune.modelfile import CIFAR10_CLASSES, ModelFile
+from chipprune.deploy.export import Normalized, export, relative_error, run_exported
+from chipprune.files.modelfile import CIFAR10_CLASSES, ModelFile
 from chipprune.models import create_model
-from chipprune.sparsity import widths
-from chipprune.surgery import prune
+from chipprune.pruning.latency import Runner
+from chipprune.pruning.registry import prune
+from chipprune.pruning.sparsity import widths
 from test_surgery import random_scores, randomize
 
 pytest.importorskip("onnxruntime")

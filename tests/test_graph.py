@@ -11,9 +11,9 @@ from chipprune import create_model
 from chipprune.calibrate import CalibrationError
 from chipprune.ci import reference_ci
 from chipprune.criteria import L1
-from chipprune.graph import group_importance, prune_model
 from chipprune.models.resnet_cifar import ChannelShortcut, ResNetCifar
 from chipprune.profile import count_macs, count_params
+from chipprune.pruning.graph import group_importance, prune_model
 from reference import captured
 
 SIZE = 16

@@ -32,12 +32,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from attacks import Payload, touching
-from chipprune import __version__, fileio
-from chipprune import export as export_module
+from chipprune import __version__
 from chipprune.cli import build_parser
 from chipprune.data import DataError, load_split, sources
-from chipprune.fileio import atomic_write, stale_temps
-from chipprune.modelfile import (
+from chipprune.deploy import export as export_module
+from chipprune.files import fileio
+from chipprune.files.fileio import atomic_write, stale_temps
+from chipprune.files.modelfile import (
     CIFAR10_CLASSES,
     FORMAT,
     ModelFile,
@@ -46,9 +47,9 @@ from chipprune.modelfile import (
     load_checkpoint,
     load_model,
 )
+from chipprune.files.scores import ScoresError, read_scores
 from chipprune.models import ARCHS, create_model
-from chipprune.scoresfile import ScoresError, read_scores
-from chipprune.sparsity import SparsityError, format_rates, parse_rates, resolve, widths
+from chipprune.pruning.sparsity import SparsityError, format_rates, parse_rates, resolve, widths
 from command import run
 from images import make_tree, png16
 
@@ -658,7 +659,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypa
 CHILD = """
 import os, sys, tempfile, time, types
 from pathlib import Path
-from chipprune import fileio
+from chipprune.files import fileio
 from chipprune.cli import main
 
 ready, temps = Path(sys.argv[1]), []
@@ -1085,7 +1086,7 @@ def finetune(model, data, run_dir, *more):
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from chipprune.runs import run_lock
+from chipprune.training.runs import run_lock
 with run_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(300)
@@ -1641,7 +1642,7 @@ def test_a_cache_folder_that_cannot_be_written_is_a_warning(capsys, workdir, tmp
 SLOW_EVALUATION = """
 import sys, time
 from pathlib import Path
-import chipprune.train as train
+import chipprune.training.loop as train
 from chipprune.cli import main
 
 ready, evaluate = Path(sys.argv[1]), train.evaluate

@@ -21,9 +21,9 @@ import safetensors
 import safetensors.torch
 import torch
 
-from chipprune.graph import prune_model
-from chipprune.modelfile import ModelFile, library_model, load_model
+from chipprune.files.modelfile import ModelFile, library_model, load_model
 from chipprune.models import external
+from chipprune.pruning.graph import prune_model
 from command import run
 from test_hardening import assert_refused, max_rss_mb
 

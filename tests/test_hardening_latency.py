@@ -16,13 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-import chipprune.latency as latency
-from chipprune.fileio import sha256
-from chipprune.graph import prune_model, prune_to_latency
-from chipprune.latency import Runner, Table, Timing, describe
-from chipprune.modelfile import load_model
+import chipprune.pruning.latency as latency
+from chipprune.files.fileio import sha256
+from chipprune.files.modelfile import load_model
 from chipprune.models import ARCHS, create_model, external
 from chipprune.profile import count_macs
+from chipprune.pruning.graph import prune_model, prune_to_latency
+from chipprune.pruning.latency import Runner, Table, Timing, describe
 from command import run
 from test_hardening import assert_refused, error_line
 
@@ -375,17 +375,17 @@ def oom_above_batch_1(self, modules, sample):
 OOM_CASES = {  # command, what runs out of memory, the advice
     "prune-latency-batch": (
         ["prune", "{m}", "--latency-target", "0.5", "--criterion", "l1", "--latency-batch-size", "8", "--out", "{o}"],
-        ("chipprune.latency.Runner.times", oom_above_batch_1),
+        ("chipprune.pruning.latency.Runner.times", oom_above_batch_1),
         ": try a smaller --latency-batch-size",
     ),
     "prune-latency-batch-1": (
         ["prune", "{m}", "--latency-target", "0.5", "--criterion", "l1", "--out", "{o}"],
-        ("chipprune.latency.Runner.times", out_of_memory),
+        ("chipprune.pruning.latency.Runner.times", out_of_memory),
         "",
     ),
     "profile-batch-sizes": (
         ["profile", "{m}", "--latency", "--batch-sizes", "1,16", "--repeats", "1"],
-        ("chipprune.latency.Runner.times", oom_above_batch_1),
+        ("chipprune.pruning.latency.Runner.times", oom_above_batch_1),
         ": try a smaller --batch-sizes",
     ),
     "eval": (

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from chipprune.cli import build_parser, main
-from chipprune.modelfile import CIFAR10_CLASSES, ModelFile, library_model, load_model
+from chipprune.files.modelfile import CIFAR10_CLASSES, ModelFile, library_model, load_model
 from chipprune.models import create_model
 from command import run
 from test_hardening import assert_refused

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-import chipprune.latency as latency
-from chipprune.graph import prune_model, prune_to_latency
-from chipprune.latency import Layer, Runner, Table, describe
+import chipprune.pruning.latency as latency
 from chipprune.profile import count_macs
+from chipprune.pruning.graph import prune_model, prune_to_latency
+from chipprune.pruning.latency import Layer, Runner, Table, describe
 from command import run
 
 

@@ -9,9 +9,9 @@ import safetensors
 import torch
 from torch import nn
 
-from chipprune.graph import prune_model
-from chipprune.modelfile import ModelFile, ModelFileError, library_model, load_model
+from chipprune.files.modelfile import ModelFile, ModelFileError, library_model, load_model
 from chipprune.models import external
+from chipprune.pruning.graph import prune_model
 from command import run
 
 pytest.importorskip("timm")

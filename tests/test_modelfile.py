@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from attacks import touching
-from chipprune.modelfile import ModelFile, ModelFileError, import_weights, load_model, parse_normalization
+from chipprune.files.modelfile import ModelFile, ModelFileError, import_weights, load_model, parse_normalization
 from chipprune.models import create_model
-from chipprune.sparsity import widths
-from chipprune.surgery import prune
+from chipprune.pruning.registry import prune
+from chipprune.pruning.sparsity import widths
 
 
 def test_round_trip_of_a_pruned_model(tmp_path):
@@ -88,7 +88,7 @@ def test_normalization_forms():
 
 
 def test_written_files_follow_the_umask(tmp_path):
-    from chipprune.fileio import save_json
+    from chipprune.files.fileio import save_json
 
     old = os.umask(0o022)
     try:

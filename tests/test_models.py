@@ -3,7 +3,7 @@ import torch
 
 from chipprune.models import ARCHS, create_model
 from chipprune.profile import count_flops, count_params
-from chipprune.sparsity import widths
+from chipprune.pruning.sparsity import widths
 
 # The table: exact params (trainable) and FLOPs (conv + linear MACs) at the paper's configurations.
 TABLE = [

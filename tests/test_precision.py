@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from chipprune.precision import FLOAT32, choose, native_bf16
+from chipprune.training.precision import FLOAT32, choose, native_bf16
 
 
 @pytest.mark.parametrize(

@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chipprune import allocation, sensitivity
-from chipprune.allocation import BudgetError, Channels, Curve, Term, allocate, widths
 from chipprune.calibrate import recalibrate_bn
 from chipprune.criteria import L1
-from chipprune.graph import group_importance, prune_model
 from chipprune.profile import count_macs, count_params
-from chipprune.sensitivity import Sample, prune_by_sensitivity, sensitivity_curves
+from chipprune.pruning import allocation, sensitivity
+from chipprune.pruning.allocation import BudgetError, Channels, Curve, Term, allocate, widths
+from chipprune.pruning.graph import group_importance, prune_model
+from chipprune.pruning.sensitivity import Sample, prune_by_sensitivity, sensitivity_curves
 from test_graph import SIZE, data, make
 
 # --------------------------------------------------------------------------- synthetic problems

@@ -3,7 +3,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chipprune.models import ARCHS
-from chipprune.sparsity import (
+from chipprune.pruning.sparsity import (
     Rounded,
     SparsityError,
     format_rates,

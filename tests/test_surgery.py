@@ -6,8 +6,8 @@ from torch import nn
 from chipprune.models import create_model
 from chipprune.models.resnet_cifar import ChannelShortcut
 from chipprune.profile import count_params
-from chipprune.sparsity import widths
-from chipprune.surgery import prune, select_channels, top_channels
+from chipprune.pruning.registry import prune, select_channels, top_channels
+from chipprune.pruning.sparsity import widths
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

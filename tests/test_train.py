@@ -1,4 +1,4 @@
-"""Tests for chipprune.train and `chip finetune` / `chip train`: the run folder, exact resume, torchrun, and
+"""Tests for chipprune.training.loop and `chip finetune` / `chip train`: the run folder, exact resume, torchrun, and
 distributed calibration, on a tiny synthetic image folder and ResNet-20."""
 
 import itertools
@@ -20,15 +20,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from chipprune import train
 from chipprune.calibrate import score_layers
 from chipprune.cli import main
 from chipprune.criteria import CHIP
 from chipprune.data import batches, load_split
-from chipprune.fileio import sha256
-from chipprune.modelfile import CIFAR10_CLASSES, ModelFile, load_model
+from chipprune.files.fileio import sha256
+from chipprune.files.modelfile import CIFAR10_CLASSES, ModelFile, load_model
 from chipprune.models import create_model
-from chipprune.train import PRESETS, Config, distillation_loss, lr_at
+from chipprune.training import loop as train
+from chipprune.training.loop import PRESETS, Config, distillation_loss, lr_at
 from images import make_workdir
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "chipprune.cli"]

@@ -3,11 +3,11 @@
 __version__ = "0.1.0"
 
 from .ci import channel_independence  # noqa: E402
-from .graph import group_importance, prune_model  # noqa: E402
-from .importance import CHIPImportance  # noqa: E402
-from .modelfile import ModelFile, import_weights, load_model  # noqa: E402
+from .files.modelfile import ModelFile, import_weights, load_model  # noqa: E402
 from .models import ARCHS, create_model  # noqa: E402
-from .surgery import prune, select_channels  # noqa: E402
+from .pruning.graph import group_importance, prune_model  # noqa: E402
+from .pruning.importance import CHIPImportance  # noqa: E402
+from .pruning.registry import prune, select_channels  # noqa: E402
 
 __all__ = [
     "ARCHS",

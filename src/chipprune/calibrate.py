@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from .criteria import ActivationCriterion, Criterion
 from .data.batching import Batches, share
-from .distributed import all_reduce, current
 from .models import ChannelLayer
+from .training.distributed import all_reduce, current
 
 
 class CalibrationError(RuntimeError):

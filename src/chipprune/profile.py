@@ -1,4 +1,4 @@
-"""Model cost: trainable parameters and multiply-accumulates of conv and linear layers (latency: chipprune.latency)."""
+"""Model cost: trainable parameters and multiply-accumulates of conv and linear layers (latency: pruning/latency.py)."""
 
 from __future__ import annotations
 

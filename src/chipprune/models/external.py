@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from ..structure import shown
+from ..files._structure import shown
 
 LIBRARIES = ("torchvision", "timm")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # mean, std: where a library names none

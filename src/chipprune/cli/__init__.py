@@ -17,9 +17,36 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from . import __version__, sparsity
-from .calibrate import CalibrationError, recalibrate_bn, score_layers
-from .commandline import (
+from .. import __version__
+from ..calibrate import CalibrationError, recalibrate_bn, score_layers
+from ..criteria import CRITERIA, ActivationCriterion, get_criterion
+from ..data import DataError, ImageSplit, load_split
+from ..deploy.export import FORMATS, ExportError, export
+from ..files.fileio import OutputError, check_output, sha256
+from ..files.modelfile import ModelFile, ModelFileError, import_weights, library_model, load_model, parse_normalization
+from ..files.scores import ScoresError, read_scores, write_scores
+from ..models import RegistryModel, create_model, external, get_arch, rewidth
+from ..profile import count_flops, count_params
+from ..pruning import sparsity
+from ..pruning.graph import group_importance, prune_model, prune_to_latency
+from ..pruning.latency import RUNTIMES, Runner
+from ..pruning.registry import RESIDUAL_MODES, prune
+from ..training.distributed import Place, distributed, launched
+from ..training.evaluate import evaluate
+from ..training.loop import (
+    KD_TEMPERATURE,
+    KD_WEIGHT,
+    PRESETS,
+    Config,
+    Teacher,
+    TrainError,
+    fit,
+    load_data,
+    load_teacher,
+)
+from ..training.precision import AMP_CHOICES, choose
+from ..training.runs import RunError, check_run_folder
+from ._arguments import (
     OneLineParser,
     arch,
     device,
@@ -33,22 +60,6 @@ from .commandline import (
     quiet_stdout,
     seed,
 )
-from .criteria import CRITERIA, ActivationCriterion, get_criterion
-from .data import DataError, ImageSplit, load_split
-from .distributed import Place, distributed, launched
-from .evaluate import evaluate
-from .export import FORMATS, ExportError, export
-from .fileio import OutputError, check_output, sha256
-from .graph import group_importance, prune_model, prune_to_latency
-from .latency import RUNTIMES, Runner
-from .modelfile import ModelFile, ModelFileError, import_weights, library_model, load_model, parse_normalization
-from .models import RegistryModel, create_model, external, get_arch, rewidth
-from .precision import AMP_CHOICES, choose
-from .profile import count_flops, count_params
-from .runs import RunError, check_run_folder
-from .scoresfile import ScoresError, read_scores, write_scores
-from .surgery import RESIDUAL_MODES, prune
-from .train import KD_TEMPERATURE, KD_WEIGHT, PRESETS, Config, Teacher, TrainError, fit, load_data, load_teacher
 
 
 class UsageError(ValueError):
@@ -896,7 +907,7 @@ def _heads(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _group_scores(args: argparse.Namespace, mf: ModelFile) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The importance of every dependency group's channels (chipprune.graph.group_importance) on the calibration
+    """The importance of every dependency group's channels (chipprune.pruning.graph.group_importance) on the calibration
     batches, and how it was made."""
     criterion = get_criterion(args.criterion, args.seed)
     batches_ = _calibration(args, mf) if isinstance(criterion, ActivationCriterion) else iter(())

@@ -1,8 +1,8 @@
 """How many channels each group keeps: the widths that minimise a predicted loss under a cost budget.
 
-Each group chooses its kept width (in units, as chipprune.coupling numbers them) from its floor up to all, in steps of
+Each group chooses its kept width (in units, as _coupling.py numbers them) from its floor up to all, in steps of
 round_to. Its damage at a width is read off its curve (piecewise linear between measured widths, never extrapolated);
-the model's predicted damage is the sum of the groups' (chipprune.sensitivity measures the curves). The cost is a sum
+the model's predicted damage is the sum of the groups' (sensitivity.py measures the curves). The cost is a sum
 over layers, each a function of its output and input channel counts (multiply-accumulates, parameters, or a latency
 table's milliseconds), and a layer between two groups costs their product: the problem is a knapsack that is not
 separable. HALP (Shen et al., NeurIPS 2022) meets the same coupling by holding each layer's input count at its current

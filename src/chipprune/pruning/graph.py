@@ -41,12 +41,13 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import latency, tracing
-from .calibrate import Tap, score_maps
-from .coupling import LAYERS, Cost, Group, Space, costs, couple, macs_after, removable, removal, remove
-from .criteria import L1, ActivationCriterion, Criterion, WeightCriterion, get_criterion
+from ..calibrate import Tap, score_maps
+from ..criteria import L1, ActivationCriterion, Criterion, WeightCriterion, get_criterion
+from ..models.resnet_cifar import PRUNERS, traceable
+from . import _tracing as tracing
+from . import latency
+from ._coupling import LAYERS, Cost, Group, Space, costs, couple, macs_after, removable, removal, remove
 from .latency import Report, Runner
-from .models.resnet_cifar import PRUNERS, traceable
 
 SCOPES = ("local", "global")
 FLOPS_TOLERANCE = 0.02  # flops_target is reached within this fraction of itself
@@ -136,7 +137,7 @@ def prune_to_latency(
     progress: bool = False,
 ) -> tuple[nn.Module, Report]:
     """A pruned copy of `model` that runs in at most `latency_target` × the dense model's time as `runner` measures
-    it (chipprune.latency), and how it went. `cache`: the folder of the latency tables (default CHIP_CACHE_DIR);
+    it (chipprune.pruning.latency), and how it went. `cache`: the folder of the latency tables (default CHIP_CACHE_DIR);
     `progress`: a bar while the table's entries are measured, and a line per whole-model check, on stderr."""
     if not 0 < latency_target <= 1:
         raise ValueError(f"latency_target is the fraction of the latency to keep, in (0, 1], got {latency_target}")

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from .fileio import size_text
+from ..files.fileio import size_text
 
 MAX_INT = 2**31 - 1  # counts and sizes beyond this are no use and overflow torch's sizes
 MAX_SEED = 2**32  # seeds are in [0, 2**32): training seeds epoch e with seed * 1_000_000 + e, within 64 bits
@@ -98,7 +98,7 @@ def device(text: str) -> str:
 
 def arch(text: str) -> str:
     """A registry architecture, or a library model: torchvision:NAME, timm:NAME (the library must have it)."""
-    from .models import ARCHS, external
+    from ..models import ARCHS, external
 
     if text in ARCHS:
         return text
@@ -116,7 +116,7 @@ def arch(text: str) -> str:
 def model_kwargs(text: str) -> dict[str, Any]:
     """A JSON object of constructor arguments, as '{"num_classes": 10}', each one a model file may hold
     (models.external.check_kwargs, which checks a model file's too)."""
-    from .models import external
+    from ..models import external
 
     def refuse(constant: str) -> NoReturn:
         raise ValueError(f"{constant} is not a number JSON has")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .criteria import CRITERIA
+from ..criteria import CRITERIA
 from .fileio import read_file, reason, save_json
 
 FORMAT = "chipprune-scores/1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .models import ChannelLayer, RegistryModel
+from ..models import ChannelLayer, RegistryModel
 
 RESIDUAL_MODES = ("coupled", "paper")
 

@@ -28,8 +28,8 @@ from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.node import Node
 
-from .coupling import Space
-from .profile import LAYERS, call_macs
+from ..profile import LAYERS, call_macs
+from ._coupling import Space
 
 # The calls whose arguments may hold channel counts. One is found again at run time by the line of the model's code
 # that made it and its number among the calls of that line in the same forward of the same module.

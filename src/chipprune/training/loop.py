@@ -30,13 +30,13 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .data import ImageSplit, load_split
-from .data.sources import MissingSplit
+from ..data import ImageSplit, load_split
+from ..data.sources import MissingSplit
+from ..files.fileio import atomic_write, save_json, sha256, stale_temps
+from ..files.modelfile import ModelFile, load_checkpoint, load_model
+from ..models import RegistryModel
 from .distributed import LOCAL, Place, all_reduce, barrier, broadcast_buffers, on_any
 from .evaluate import evaluate
-from .fileio import atomic_write, save_json, sha256, stale_temps
-from .modelfile import ModelFile, load_checkpoint, load_model
-from .models import RegistryModel
 from .precision import FLOAT32, Precision
 from .runs import LossWatch, Stopped, check_compile, check_identity, holding_lock, identity, refuse_previous, until
 

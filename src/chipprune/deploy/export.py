@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .fileio import atomic_write, reason
-from .modelfile import ModelFile
+from ..files.fileio import atomic_write, reason
+from ..files.modelfile import ModelFile
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # max error relative to the largest logit

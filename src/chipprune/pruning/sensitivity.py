@@ -1,14 +1,14 @@
 """Per-group budgets by measured sensitivity: how much the loss grows when one group alone is pruned, and the widths
 that spend a budget (FLOPs, parameters, a latency table's time) where it hurts least.
 
-- **Curves**: for each prunable group of the dependency graph (chipprune.graph), the group alone is pruned to each of
+- **Curves**: for each prunable group of the dependency graph (graph.py), the group alone is pruned to each of
   a few ratios (RATIOS) by the given importance (the criterion's scores, computed once for all groups: no second
   scoring), its BatchNorm statistics re-estimated on the sample's recalibration batches (as `chip prune
   --recalibrate-bn`), and the cross-entropy loss and top-1 measured on its held-out evaluation batches; the dense
   model is measured the same way. One pass over the groups. The curves are cached on disk (CHIP_CACHE_DIR/sensitivity,
   one JSON file per model, criterion, importance, sample, ratios and precision), written after each group, so a killed
   measurement goes on where it stopped; a damaged file is measured again, with a warning.
-- **Allocation**: chipprune.allocation chooses the widths of least predicted damage (the sum of each group's loss
+- **Allocation**: allocation.py chooses the widths of least predicted damage (the sum of each group's loss
   increment at its width) under the budget, each group keeping at least its floor (allocation.FLOOR of its width,
   round_to, and its narrowest measured width)."""
 
@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..calibrate import recalibrate_bn
+from ..files.fileio import atomic_write, cache_root
+from ..training.precision import FLOAT32, Precision
 from . import allocation, graph
+from ._coupling import Cost, Space, removal
 from .allocation import FLOOR, Allocation, Channels, Term
-from .calibrate import recalibrate_bn
-from .coupling import Cost, Space, removal
-from .fileio import atomic_write, cache_root
-from .precision import FLOAT32, Precision
 
 RATIOS = (0.25, 0.5, 0.75, 0.9)  # fractions of a group's units removed, one measurement each
 SIGNALS = ("loss", "top1")  # what the damage is: the loss increment, or the top-1 drop (points)
@@ -119,7 +119,7 @@ def measured_widths(units: int, ratios: Iterable[float] = RATIOS) -> list[int]:
 
 
 def macs(layer: Cost) -> Callable[[int, int], float]:
-    """A layer's multiply-accumulates at (output, input) channel counts, as chipprune.coupling counts them."""
+    """A layer's multiply-accumulates at (output, input) channel counts, as chipprune.pruning._coupling counts them."""
     if layer.groups == 0:  # depthwise
         return lambda out, inp: float(layer.unit * out)
     return lambda out, inp: float(layer.unit * out * (inp // layer.groups))

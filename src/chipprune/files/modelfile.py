@@ -5,7 +5,7 @@ reads it and no checkpoint can run code:
     format, arch, num_classes, mean, std, classes, meta, state_dict
 and, for a registry architecture, widths (conv name -> output channels); for a library model (`timm:NAME`,
 `torchvision:NAME`), model_kwargs, input_size, versions (of the library), and structure: the attributes and calls
-pruning changed (chipprune.structure). A training run's checkpoint adds `training`: optimizer state, step, RNG
+pruning changed (chipprune.files._structure). A training run's checkpoint adds `training`: optimizer state, step, RNG
 states and history (see train.py). Written as `.safetensors`, the same content: the tensors, and the rest as JSON
 under the header's metadata key "chipprune".
 """
@@ -27,11 +27,11 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from . import structure
-from .data import ImageSplit, batches
+from ..data import ImageSplit, batches
+from ..models import ARCHS, RegistryModel, create_model, external, get_arch
+from ..models.resnet_cifar import ChannelShortcut
+from . import _structure as structure
 from .fileio import atomic_write, kind, load_reason, reason, save_torch, size_text
-from .models import ARCHS, RegistryModel, create_model, external, get_arch
-from .models.resnet_cifar import ChannelShortcut
 
 FORMAT = "chipprune-model/1"
 SAFETENSORS_KEY = "chipprune"  # the header metadata entry that holds everything but the tensors, as JSON

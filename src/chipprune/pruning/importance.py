@@ -15,7 +15,7 @@ from typing import Any
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .criteria import Criterion
+from ..criteria import Criterion
 from .graph import group_importance
 
 

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import tracing
+from ..pruning import _tracing as tracing
 
 Plain = bool | int | float | str | None | list["Plain"] | dict[str, "Plain"]
 MAX_DEPTH = 32  # nesting of plain data a file may hold (what chipprune writes nests a few levels deep)

@@ -45,8 +45,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .coupling import Cost, Group, Space, removable, removal
-from .fileio import atomic_write, cache_root, kind, read_file, reason
+from ..files.fileio import atomic_write, cache_root, kind, read_file, reason
+from ._coupling import Cost, Group, Space, removable, removal
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
 ROUNDS = 8  # whole-model checks at most (a check of ResNet-56 at batch 64 under onnxruntime: 26 s)

@@ -22,10 +22,10 @@ from typing import Any, TypeVar, cast
 import torch
 from torch import Tensor
 
-from .data import ImageSplit
-from .data.batching import Batches
+from ..data import ImageSplit
+from ..data.batching import Batches
+from ..files.fileio import OutputError, check_output, kind, mode_kind, replaced_input, sha256, size_text
 from .distributed import LOCAL, Place
-from .fileio import OutputError, check_output, kind, mode_kind, replaced_input, sha256, size_text
 
 LOCK = ".lock"  # in the run folder: holds the pid of the process that runs it, locked (flock) while it does
 PID = re.compile(rb"(\d{1,20}\n?)?")  # what a lock file holds: nothing yet, or the pid of its last holder
@@ -49,7 +49,7 @@ class Stopped(Exception):
 def check_run_folder(run: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
     """Refuse, before any work, an --out-dir that is not a folder (or a new path), or one of whose run files would
     replace an input of the command (every file it reads: the model file, the teacher, a file of a data source)."""
-    from .train import RUN_FILES  # here: train.py uses this module
+    from .loop import RUN_FILES  # here: train.py uses this module
 
     text = os.fspath(run)
     if not text.strip():

@@ -7,7 +7,7 @@ import re
 from collections import Counter
 from typing import NamedTuple
 
-from .models import get_arch
+from ..models import get_arch
 
 _TERM = re.compile(r"\[\s*([^\[\]]*?)\s*\](?:\s*\*\s*(\d+))?")
 _NUMBER = re.compile(r"(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")

@@ -1,0 +1,1 @@
+"""Deployment: export to ONNX and TorchScript, checked against PyTorch."""

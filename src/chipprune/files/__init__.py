@@ -1,0 +1,1 @@
+"""What chipprune reads and writes: model files, scores files, safe file writes."""

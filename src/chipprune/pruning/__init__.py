@@ -1,0 +1,1 @@
+"""Pruning: the registry path, the dependency-graph path, budgets, latency and sensitivity."""

@@ -1,0 +1,1 @@
+"""Training and evaluation: the loop, run folders, precision, processes."""
