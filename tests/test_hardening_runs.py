@@ -193,7 +193,7 @@ def test_the_lock_is_the_only_file_written_in_place():
         ("runs.py", "run_lock", "ftruncate"),
         ("runs.py", "_open_lock", "O_RDWR"),
         ("runs.py", "_open_lock", "O_CREAT"),
-        ("commandline.py", "quiet_stdout", "O_WRONLY"),
+        ("_arguments.py", "quiet_stdout", "O_WRONLY"),
         ("export.py", "_no_stdout", "O_WRONLY"),
     }
 

@@ -1,25 +1,61 @@
-"""chipprune: CHIP (CHannel Independence-based Pruning, Sui et al., NeurIPS 2021) for PyTorch CNNs."""
+"""chipprune: CHIP (CHannel Independence-based Pruning, Sui et al., NeurIPS 2021) for PyTorch CNNs.
+
+The library's calls are in chipprune.api (docs/api.md); `prune_model`, `group_importance` and `CHIPImportance` serve
+those who hold a bare nn.Module."""
 
 __version__ = "0.1.0"
 
+from .api import (  # noqa: E402
+    Calibration,
+    Metrics,
+    Profile,
+    Pruned,
+    PruneReport,
+    Scores,
+    Sizes,
+    architecture,
+    evaluate,
+    export,
+    import_model,
+    load_scores,
+    profile,
+    prune,
+    score,
+)
 from .ci import channel_independence  # noqa: E402
-from .files.modelfile import ModelFile, import_weights, load_model  # noqa: E402
+from .files.modelfile import ModelFile, load_model  # noqa: E402
 from .models import ARCHS, create_model  # noqa: E402
+from .pruning.budgets import Flops, Latency, Ratio, Sparsity  # noqa: E402
 from .pruning.graph import group_importance, prune_model  # noqa: E402
 from .pruning.importance import CHIPImportance  # noqa: E402
-from .pruning.registry import prune, select_channels  # noqa: E402
 
 __all__ = [
     "ARCHS",
     "CHIPImportance",
+    "Calibration",
+    "Flops",
+    "Latency",
+    "Metrics",
     "ModelFile",
+    "Profile",
+    "PruneReport",
+    "Pruned",
+    "Ratio",
+    "Scores",
+    "Sizes",
+    "Sparsity",
+    "__version__",
+    "architecture",
     "channel_independence",
     "create_model",
+    "evaluate",
+    "export",
     "group_importance",
-    "import_weights",
+    "import_model",
     "load_model",
+    "load_scores",
+    "profile",
     "prune",
     "prune_model",
-    "select_channels",
-    "__version__",
+    "score",
 ]

@@ -23,6 +23,10 @@ MAX_INT = 2**31 - 1  # counts and sizes beyond this are no use and overflow torc
 MAX_SEED = 2**32  # seeds are in [0, 2**32): training seeds epoch e with seed * 1_000_000 + e, within 64 bits
 
 
+class UsageError(ValueError):
+    """A request the command cannot carry out as given."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line: `PROG: error: MESSAGE (see PROG --help)`, exit code 2."""
 

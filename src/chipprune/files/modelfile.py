@@ -18,7 +18,7 @@ import os
 import warnings
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import ImageSplit, batches
-from ..models import ARCHS, RegistryModel, create_model, external, get_arch
+from ..models import ARCHS, RegistryModel, create_model, external, get_arch, rewidth
 from ..models.resnet_cifar import ChannelShortcut
 from . import _structure as structure
 from .fileio import atomic_write, kind, load_reason, reason, save_torch, size_text
@@ -58,6 +58,7 @@ class ModelFile:
     meta: dict[str, Any] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # a library model's constructor arguments
     size: int | None = None  # a library model's input side (a registry architecture has its own)
+    path: Path | None = field(default=None, compare=False)  # the file it was read from (a pruned model's parent)
 
     @property
     def input_size(self) -> int:
@@ -145,8 +146,11 @@ class ModelFile:
         """What builds the model before its tensors are loaded: a registry model's widths, or a library model's
         source and the structure pruning changed (ValueError naming a module attribute that is not plain data)."""
         source = self.source
-        if source is None:
-            return {"widths": dict(cast(RegistryModel, self.model).widths)}
+        if source is None:  # the widths of its convs now (graph pruning leaves model.widths as built)
+            try:
+                return {"widths": dict(rewidth(cast(RegistryModel, self.model), self.arch, len(self.classes)).widths)}
+            except ValueError as e:
+                raise ModelFileError(str(e)) from None
         recorded = structure.record(self.model, external.build(source))
         return {
             "model_kwargs": source.kwargs,
@@ -281,6 +285,12 @@ def load_model(path: str | os.PathLike) -> ModelFile:
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[ModelFile, dict[str, Any] | None]:
     """Read a model file and the training state saved with it, if any."""
+    mf, training = _read(path)
+    return replace(mf, path=Path(path)), training
+
+
+def _read(path: str | os.PathLike) -> tuple[ModelFile, dict[str, Any] | None]:
+    """A model file's model and training state."""
     d = safe_load(path)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a chipprune model file (convert third-party weights with `chip import`)")
