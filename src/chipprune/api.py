@@ -213,6 +213,8 @@ def prune(
     processes = int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
     budgets.check(budget, library=mf.source is not None, residual=residual, calibration=source is not None,
                   recalibrate_bn=recalibrate_bn, processes=processes, spelling=spelling)  # fmt: skip
+    if isinstance(budget, Sparsity):
+        sparsity.widths(mf.arch, budget.spec, budget.round_to)  # a wrong spec is refused before the scoring pass
     of: Of = "convs" if isinstance(budget, Sparsity) else "groups"
     if isinstance(scores, str | os.PathLike):
         scores = load_scores(scores, mf, of)
