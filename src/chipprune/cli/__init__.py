@@ -29,17 +29,22 @@ REFUSALS = (UsageError, ModelFileError, DataError, CalibrationError, SparsityErr
             OutputError, ScoresError, RunError, BudgetError)  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; exit code 2 with one line on stderr for bad input."""
-    args = build_parser().parse_args(argv)
+def _one_line(command: str) -> Any:
+    """A warnings.showwarning that prints one plain line, as errors are, above any progress bar."""
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
              line: str | None = None) -> None:  # fmt: skip
-        tqdm.write(f"chip {args.command}: warning: {message}", file=sys.stderr)  # above any progress bar
+        tqdm.write(f"chip {command}: warning: {message}", file=sys.stderr)
 
+    return show
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; exit code 2 with one line on stderr for bad input."""
+    args = build_parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = show  # one plain line, as errors are
+            warnings.showwarning = _one_line(args.command)
             args.run(args)
             sys.stdout.flush()  # here, where a closed pipe is caught
     except REFUSALS as e:
