@@ -16,7 +16,7 @@ import itertools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from .data import load_split
 from .deploy.export import export as export_checked
 from .files.fileio import sha256
 from .files.modelfile import ModelFile, ModelFileError, import_weights, library_model, load_model
-from .files.scores import read_scores, write_scores
+from .files.scores import Of, read_scores, write_scores
 from .models import RegistryModel, create_model, external, get_arch, rewidth
 from .profile import count_flops, count_params
 from .pruning import budgets, sparsity
@@ -40,8 +40,6 @@ from .pruning.sensitivity import prune_by_sensitivity, split_sample
 from .training.distributed import distributed, launched
 from .training.evaluate import evaluate as evaluate_batches
 from .training.precision import Precision, choose
-
-Of = Literal["convs", "groups"]
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from .fileio import atomic_write, kind, load_reason, reason, save_torch, size_te
 FORMAT = "chipprune-model/1"
 SAFETENSORS_KEY = "chipprune"  # the header metadata entry that holds everything but the tensors, as JSON
 NORMALIZATIONS = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet": external.IMAGENET,
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # as in the HRank/CHIP code
 }
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -397,9 +397,7 @@ def _library_model(d: dict[str, Any], source: str) -> ModelFile:
             f"{external.version(library_source.library)}: its recorded calls may not match the library's code",
             stacklevel=3,
         )
-    bad = next((k for k, v in d["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-    if bad is not None:
-        raise ModelFileError(f"{source}: damaged weights: non-finite values (NaN or Inf) in {bad}")
+    _check_finite(d["state_dict"], source)
     recorded = structure.Structure(d["structure"]["attributes"], d["structure"]["calls"])
     try:
         model = structure.rebuild(
@@ -448,9 +446,7 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None
     if problems:
         shown = "; ".join(problems[:12]) + (f"; … ({len(problems)} in all)" if len(problems) > 12 else "")
         raise ModelFileError(f"{source}: weights do not fit the architecture: {shown}")
-    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
-    if bad is not None:
-        raise ModelFileError(f"{source}: damaged weights: non-finite values (NaN or Inf) in {bad}")
+    _check_finite(state, source)
     try:
         model.load_state_dict(state, strict=False)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:  # what the checks above did not foresee
@@ -612,3 +608,10 @@ def _rename(key: str) -> str:
     """A third-party parameter name in our naming."""
     key = key.removeprefix("module.")
     return "fc." + key.removeprefix("linear.") if key.startswith("linear.") else key
+
+
+def _check_finite(state: dict[str, Tensor], source: str) -> None:
+    """Refuse weights holding NaN or Inf: they evaluate to chance without a word."""
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ModelFileError(f"{source}: damaged weights: non-finite values (NaN or Inf) in {bad}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ class ScoresError(ValueError):
     """A scores file that cannot be used for this model (the message is one line naming the file)."""
 
 
-OF = ("convs", "groups")  # what a file's `layers` are: conv outputs, or dependency groups by their root layer
+Of = Literal["convs", "groups"]  # what a file's `layers` are: conv outputs, or dependency groups by their root layer
 
 
 def write_scores(
