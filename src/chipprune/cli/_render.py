@@ -71,8 +71,8 @@ def pruned(p: api.Pruned, out: str) -> Shown:
     """`chip prune`: the budget, the scores' record, the sizes, and what round_to and the latency search did."""
     report, arch = p.report, p.model_file.arch
     result = {"arch": arch, **report.asked, **report.provenance, "out": out, **report.sizes.fields()}
-    said = ", ".join(f"{k} {v}" for k, v in report.asked.items() if v is not None)
-    text = f"wrote {out}: {arch}, {said}, {report.provenance['criterion']}\n" + sizes_text(result)
+    asked = ", ".join(f"{k} {v}" for k, v in report.asked.items() if v is not None)
+    text = f"wrote {out}: {arch}, {asked}, {report.provenance['criterion']}\n" + sizes_text(result)
     if report.rounded is not None:
         result["rounded"] = report.rounded
         text += "\n" + rounded_text(result)

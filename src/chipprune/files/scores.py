@@ -21,7 +21,7 @@ from .fileio import read_file, reason, save_json
 
 FORMAT = "chipprune-scores/1"
 MAX_BYTES = 16 << 20  # ResNet-50's scores take about 0.5 MB
-HOW = {"criterion": str, "images": int, "seed": int, "processes": int}  # how the scores were made
+PROVENANCE = {"criterion": str, "images": int, "seed": int, "processes": int}  # what made the scores
 
 
 class ScoresError(ValueError):
@@ -32,18 +32,18 @@ Of = Literal["convs", "groups"]  # what a file's `layers` are: conv outputs, or 
 
 
 def write_scores(
-    path: str | os.PathLike, arch: str, how: dict[str, Any], scores: dict[str, Tensor], of: str = "convs"
+    path: str | os.PathLike, arch: str, provenance: dict[str, Any], scores: dict[str, Tensor], of: str = "convs"
 ) -> None:
-    """Save the scores of every conv (or group), with the architecture and how they were made."""
+    """Save the scores of every conv (or group), with the architecture and their provenance."""
     layers = {name: s.tolist() for name, s in scores.items()}
-    save_json({"format": FORMAT, "arch": arch, **how, "of": of, "layers": layers}, path)
+    save_json({"format": FORMAT, "arch": arch, **provenance, "of": of, "layers": layers}, path)
 
 
 def read_scores(
     path: str | os.PathLike, arch: str, widths: dict[str, int] | None, of: str = "convs"
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The float64 scores of every conv of `widths` (conv -> channels; None: every entry of the file) from a file
-    written for `arch` with `of` entries, and how they were made (criterion, and images, seed, processes where
+    written for `arch` with `of` entries, and their provenance (criterion, and images, seed, processes where
     given)."""
     raw = read_file(path, limit=MAX_BYTES, what="scores file", error=ScoresError)
     try:
@@ -63,9 +63,9 @@ def read_scores(
             f"{path}: scores of {_short(d['of'])}, not of the {of} this needs "
             "(a registry architecture's convs are for --sparsity, a library model's groups for --flops-target)"
         )
-    how = {k: d[k] for k in HOW if k in d}
-    bad = [k for k, v in how.items() if type(v) is not HOW[k] or (isinstance(v, int) and v < 0)]
-    if "criterion" not in how or (not bad and how["criterion"] not in CRITERIA):
+    provenance = {k: d[k] for k in PROVENANCE if k in d}
+    bad = [k for k, v in provenance.items() if type(v) is not PROVENANCE[k] or (isinstance(v, int) and v < 0)]
+    if "criterion" not in provenance or (not bad and provenance["criterion"] not in CRITERIA):
         bad.insert(0, "criterion")
     if bad:
         raise ScoresError(f"{path}: damaged scores file: invalid {bad[0]!r}")
@@ -81,7 +81,7 @@ def read_scores(
         odd = [v for v in values if type(v) not in (int, float)]
         if odd:
             raise ScoresError(f"{path}: the scores of {conv} hold {_short(odd[0])}: expected numbers")
-    return {conv: torch.tensor(layers[conv], dtype=torch.float64) for conv in widths}, how
+    return {conv: torch.tensor(layers[conv], dtype=torch.float64) for conv in widths}, provenance
 
 
 def _finite(text: str) -> float:
