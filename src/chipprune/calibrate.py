@@ -89,89 +89,97 @@ def score_maps(
     2-D maps [N, C] (a Linear's input) are scored as [N, C, 1, 1]: one position per image; channels-last maps
     [N, ..., C] (a Linear's input inside a block, as in ConvNeXt) as [N, C, ...]. A module called several times per
     pass adds every call's map."""
-    sums = {name: torch.zeros(tap.channels, dtype=torch.float64) for name, tap in taps.items()}
-    same: dict[str, str] = {}
-    seen: list[tuple[weakref.ref[Tensor], int, str]] = []  # this pass's maps: the same tensor is scored once
+    sums = _MapSums(model, taps, criterion, device)
+    model.eval().to(device)
+    handles = [sums.attach(name, tap) for name, tap in taps.items()]
+    place = current(device)
+    count = torch.zeros((), dtype=torch.float64)
+    try:
+        total = len(inputs) if isinstance(inputs, Sized) else None
+        shown = progress and place.writer
+        for x in tqdm(inputs, desc=f"scoring ({criterion.name})", total=total, unit="batch", disable=not shown):
+            part = x[share(len(x), place.rank, place.world)]
+            if len(part):
+                sums.forward(part)
+                count += len(part)
+    finally:
+        for h in handles:
+            h.remove()
+    for t in (count, *sums.sums.values()):
+        all_reduce(t, place)
+    images = int(count)
+    if images == 0:
+        raise CalibrationError("no calibration images")
+    return MapScores({name: s / images for name, s in sums.sums.items()}, images, sums.same)
 
-    def score(name: str, fmap: Tensor) -> None:
-        # Scored inside the hook: only this batch's map of this tap is ever held.
-        for ref, version, first in seen:
+
+class _MapSums:
+    """The running per-channel sums of every tap's scores over a calibration pass, taken inside forward hooks so
+    that only one batch's map of one tap is ever held."""
+
+    def __init__(
+        self, model: nn.Module, taps: dict[str, Tap], criterion: ActivationCriterion, device: str | torch.device
+    ):
+        self.model, self.taps, self.criterion, self.device = model, taps, criterion, device
+        self.sums = {name: torch.zeros(tap.channels, dtype=torch.float64) for name, tap in taps.items()}
+        self.same: dict[str, str] = {}
+        self.seen: list[tuple[weakref.ref[Tensor], int, str]] = []  # this pass's maps: the same tensor scored once
+        self.chunk = 0  # images per forward pass once memory ran out (0: whole batches)
+
+    def score(self, name: str, fmap: Tensor) -> None:
+        """Add one map's scores to its tap's sums, unless an earlier tap of this pass saw the very same tensor."""
+        for ref, version, first in self.seen:
             if ref() is fmap and fmap._version == version:  # not modified in place since
-                same[name] = first
+                self.same[name] = first
                 return
-        seen.append((weakref.ref(fmap), fmap._version, name))
+        self.seen.append((weakref.ref(fmap), fmap._version, name))
         if not torch.isfinite(fmap).all():
             raise CalibrationError(f"non-finite activations in {name} during scoring")
-        sums[name] += criterion.batch_sum(_four_d(fmap, taps[name].channel_dim))
+        self.sums[name] += self.criterion.batch_sum(_four_d(fmap, self.taps[name].channel_dim))
 
-    def attach(name: str, tap: Tap) -> RemovableHandle:
-        module = model.get_submodule(tap.module)
+    def attach(self, name: str, tap: Tap) -> RemovableHandle:
+        """The hook that scores the tap's map."""
+        module = self.model.get_submodule(tap.module)
         if tap.side == "input":
-            return module.register_forward_pre_hook(lambda m, args: score(name, args[0]))
-        return module.register_forward_hook(lambda m, args, out: score(name, out))
+            return module.register_forward_pre_hook(lambda m, args: self.score(name, args[0]))
+        return module.register_forward_hook(lambda m, args, out: self.score(name, out))
 
-    chunk = 0  # images per forward pass once memory ran out (0: whole batches)
-
-    def forward(part: Tensor) -> None:
+    def forward(self, part: Tensor) -> None:
         """One pass over `part`, in smaller pieces if memory runs out: the failed pass's partial sums are undone."""
-        nonlocal chunk
-        if chunk and len(part) > chunk:
-            for piece in part.split(chunk):
-                forward(piece)
+        if self.chunk and len(part) > self.chunk:
+            for piece in part.split(self.chunk):
+                self.forward(piece)
             return
-        saved = {name: s.clone() for name, s in sums.items()}
+        saved = {name: s.clone() for name, s in self.sums.items()}
         try:
-            model(part.to(device))
+            self.model(part.to(self.device))
             return
         except RuntimeError as e:
             if not _out_of_memory(e):
                 raise
             for name, s in saved.items():
-                sums[name].copy_(s)
+                self.sums[name].copy_(s)
         finally:
-            seen.clear()
+            self.seen.clear()
         # Out of memory. Retried here, out of the handler: its error (and the maps its traceback holds) is gone, and
         # a failing retry does not chain onto it (nor every halving onto the one before).
-        if len(part) == 1:
+        self._halve(len(part))
+        self.forward(part)
+
+    def _halve(self, images: int) -> None:
+        """Score `images` at once no more: half of them, with a warning; refused at one image."""
+        if images == 1:
             raise CalibrationError(
-                f"out of memory scoring a single image on {device}: free memory, or score on another device"
+                f"out of memory scoring a single image on {self.device}: free memory, or score on another device"
             )
-        chunk = (len(part) + 1) // 2
+        self.chunk = (images + 1) // 2
         warnings.warn(
-            f"out of memory scoring {len(part)} images at once on {device}: going on with {chunk} "
+            f"out of memory scoring {images} images at once on {self.device}: going on with {self.chunk} "
             "(the scores are the same; a smaller --batch-size avoids the retry)",
             stacklevel=1,
         )
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        forward(part)
-
-    model.eval().to(device)
-    handles = [attach(name, tap) for name, tap in taps.items()]
-    place = current(device)
-    count = torch.zeros((), dtype=torch.float64)
-    try:
-        total = len(inputs) if isinstance(inputs, Sized) else None
-        for x in tqdm(
-            inputs,
-            desc=f"scoring ({criterion.name})",
-            total=total,
-            unit="batch",
-            disable=not progress or not place.writer,
-        ):
-            part = x[share(len(x), place.rank, place.world)]
-            if len(part):
-                forward(part)
-                count += len(part)
-    finally:
-        for h in handles:
-            h.remove()
-    for t in (count, *sums.values()):
-        all_reduce(t, place)
-    images = int(count)
-    if images == 0:
-        raise CalibrationError("no calibration images")
-    return MapScores({name: s / images for name, s in sums.items()}, images, same)
 
 
 def _four_d(fmap: Tensor, channel_dim: int) -> Tensor:
