@@ -237,9 +237,9 @@ def test_prune_global_round_to_with_calibration(capsys, workdir):
 def test_a_warning_is_one_plain_line_on_stderr(capsys, monkeypatch):
     import warnings
 
-    from chipprune import cli
+    from chipprune.cli import _parser
 
-    monkeypatch.setattr(cli, "cmd_profile", lambda args: warnings.warn("careful", stacklevel=1))
+    monkeypatch.setattr(_parser, "cmd_profile", lambda args: warnings.warn("careful", stacklevel=1))
     code, out, err = run(capsys, "profile", "--arch", "resnet20")
     assert code == 0 and out == "" and err == "chip profile: warning: careful\n"
 

@@ -1610,7 +1610,7 @@ def test_eval_limit_takes_a_seeded_sample_of_every_class_and_says_so(capsys, wor
         seen.append(torch.cat([y for _, y in batches]).tolist())
         return {"top1": 0.0, "top5": 0.0, "images": len(seen[-1])}
 
-    monkeypatch.setattr("chipprune.cli.evaluate", labels)
+    monkeypatch.setattr("chipprune.api.evaluate_batches", labels)
     args = ["eval", workdir / "r20.pt", "--data", workdir / "data", "--limit", "10"]
     code, out, _ = run(capsys, *args)
     assert code == 0 and "(10 images, a random sample of the 20 with seed 0)" in out

@@ -390,17 +390,17 @@ OOM_CASES = {  # command, what runs out of memory, the advice
     ),
     "eval": (
         ["eval", "{m}", "--data", "{d}"],
-        ("chipprune.cli.evaluate", out_of_memory),
+        ("chipprune.api.evaluate_batches", out_of_memory),
         ": try a smaller --batch-size",
     ),
     "export": (
         ["export", "{m}", "--format", "torchscript", "--out", "{o}"],
-        ("chipprune.cli.export", out_of_memory),
+        ("chipprune.api.export_checked", out_of_memory),
         ": try a smaller --batch-size",
     ),
     "import": (
         ["import", "--arch", "resnet20", "--weights", "{m}", "--out", "{o}"],
-        ("chipprune.cli.import_weights", out_of_memory),
+        ("chipprune.api.import_weights", out_of_memory),
         "",
     ),
 }
