@@ -172,3 +172,24 @@ def test_the_example_of_docs_api_runs(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block.replace("../shared", "shared"), "docs/api.md", "exec"), {})
     assert load_model(tmp_path / "r56-half.pt").model is not None
+
+
+def test_finetune_and_train_from_python_are_the_clis(tmp_path, capsys):
+    write_image_folder(tmp_path / "data", {"train": 4, "test": 1})
+    torch.manual_seed(0)
+    chipprune.architecture("resnet20").save(tmp_path / "r20.pt")
+    config = dataclasses.replace(chipprune.PRESETS["paper-cifar"], epochs=1, batch_size=8, warmup_epochs=0)
+    quick = chipprune.Execution(amp="off", progress=False)
+    done = chipprune.finetune(tmp_path / "r20.pt", tmp_path / "data", tmp_path / "api", config, execution=quick)
+    assert done.last.is_file() and done.best.is_file() and [h["epoch"] for h in done.history] == [1]
+    assert done.top1 == done.history[-1]["test_top1"] is not None
+    cli = ["finetune", tmp_path / "r20.pt", "--data", tmp_path / "data", "--out-dir", tmp_path / "cli", "--epochs", "1",
+           "--batch-size", "8", "--warmup-epochs", "0", "--amp", "off", "--preset", "paper-cifar"]  # fmt: skip
+    code, _, err = run(capsys, *cli)
+    assert code == 0, err
+    ours, theirs = load_model(done.last).model.state_dict(), load_model(tmp_path / "cli" / "last.pt").model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    trained = chipprune.train("resnet20", tmp_path / "data", tmp_path / "scratch", config, execution=quick)
+    assert load_model(trained.last).meta["trained_from_scratch"] == "resnet20"
+    with pytest.raises(chipprune.TrainError, match="distillation weight"):
+        chipprune.finetune(tmp_path / "r20.pt", tmp_path / "data", tmp_path / "kd", config, teacher=tmp_path / "r20.pt")

@@ -7,20 +7,24 @@ __version__ = "0.1.0"
 
 from .api import (  # noqa: E402
     Calibration,
+    Execution,
     Metrics,
     Profile,
     Pruned,
     PruneReport,
+    Run,
     Scores,
     Sizes,
     architecture,
     evaluate,
     export,
+    finetune,
     import_model,
     load_scores,
     profile,
     prune,
     score,
+    train,
 )
 from .ci import channel_independence  # noqa: E402
 from .files.modelfile import ModelFile, load_model  # noqa: E402
@@ -28,28 +32,35 @@ from .models import ARCHS, create_model  # noqa: E402
 from .pruning.budgets import Flops, Latency, Ratio, Sparsity  # noqa: E402
 from .pruning.graph import group_importance, prune_model  # noqa: E402
 from .pruning.importance import CHIPImportance  # noqa: E402
+from .training.loop import PRESETS, Config, TrainError  # noqa: E402
 
 __all__ = [
     "ARCHS",
     "CHIPImportance",
     "Calibration",
+    "Config",
+    "Execution",
     "Flops",
     "Latency",
     "Metrics",
+    "PRESETS",
     "ModelFile",
     "Profile",
     "PruneReport",
     "Pruned",
     "Ratio",
+    "Run",
     "Scores",
     "Sizes",
     "Sparsity",
+    "TrainError",
     "__version__",
     "architecture",
     "channel_independence",
     "create_model",
     "evaluate",
     "export",
+    "finetune",
     "group_importance",
     "import_model",
     "load_model",
@@ -58,4 +69,5 @@ __all__ = [
     "prune",
     "prune_model",
     "score",
+    "train",
 ]

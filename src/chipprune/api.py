@@ -16,6 +16,7 @@ import itertools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -24,10 +25,10 @@ from torch import Tensor, nn
 from .calibrate import recalibrate_bn as reestimate_bn
 from .calibrate import score_layers
 from .criteria import ActivationCriterion, get_criterion
-from .data import load_split
+from .data import ImageSplit, load_split
 from .deploy.export import export as export_checked
 from .files.fileio import sha256
-from .files.modelfile import ModelFile, ModelFileError, import_weights, library_model, load_model
+from .files.modelfile import ModelFile, ModelFileError, import_weights, library_model, load_model, parse_normalization
 from .files.scores import Of, read_scores, write_scores
 from .models import RegistryModel, create_model, external, get_arch, rewidth
 from .profile import count_flops, count_params
@@ -39,7 +40,9 @@ from .pruning.registry import prune as prune_registry
 from .pruning.sensitivity import prune_by_sensitivity, split_sample
 from .training.distributed import distributed, launched
 from .training.evaluate import evaluate as evaluate_batches
+from .training.loop import KD_WEIGHT, PRESETS, Config, TrainError, fit, load_data, load_teacher
 from .training.precision import Precision, choose
+from .training.runs import check_run_folder
 
 
 @dataclass(frozen=True)
@@ -130,10 +133,10 @@ def score(
     with distributed(device) as place:
         pairs = source.pairs(mf, seed) if isinstance(chosen, ActivationCriterion) and source else iter(())
         layers = mf.registry_model.channel_layers()
-        shown = progress and place.writer
+        shown = progress and place.is_main
         values, images = score_layers(mf.model, layers, chosen, pairs, device=place.device, progress=shown)
     provenance = {"criterion": chosen.name, "images": images, "seed": seed, "processes": place.world}
-    return Scores(values, "convs", provenance, place.writer)
+    return Scores(values, "convs", provenance, place.is_main)
 
 
 def _group_scores(mf: ModelFile, criterion: Any, source: Calibration | None, seed: int, device: str) -> Scores:
@@ -462,7 +465,139 @@ def export(
     return export_checked(mf, out, fmt, batch_size=batch_size, dynamic_batch=dynamic_batch, opset=opset)
 
 
+class Run(NamedTuple):
+    """A training run's folder and its metrics per epoch (the main process's; under torchrun the others get none)."""
+
+    out_dir: Path
+    history: list[dict[str, Any]]
+    is_main: bool = True
+
+    @property
+    def last(self) -> Path:
+        """The model file and training state after the last epoch (what --resume continues)."""
+        return self.out_dir / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        """The model file of the epoch of best test top-1."""
+        return self.out_dir / "best.pt"
+
+    @property
+    def top1(self) -> float | None:
+        """Test top-1 after the last epoch; None without an evaluation split."""
+        return self.history[-1]["test_top1"] if self.history else None
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a run executes: its weights do not depend on these, its speed does."""
+
+    device: str = "cpu"
+    amp: str = "auto"  # auto: bf16 where the device computes it natively, else float32; or bf16, fp16, off
+    channels_last: bool | None = None  # None: where the precision profits from it
+    compile: bool = False
+    workers: int = 0
+    progress: bool = True
+
+
+def finetune(
+    model: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: Config | None = None,
+    *,
+    teacher: str | os.PathLike[str] | None = None,
+    preset: str | None = None,
+    val_data: str | os.PathLike[str] | None = None,
+    ignore_class_names: bool = False,
+    resume: bool = False,
+    execution: Execution = Execution(),
+) -> Run:
+    """Fine-tune the model file `model` on the train split of `data` into the run folder `out_dir` with `config`
+    (default: the model's fine-tuning preset), distilled from `teacher` (a model file, or "parent": the file it was
+    pruned from) where given, with config.kd_weight and config.kd_temperature."""
+    mf = load_model(model)
+    chosen = None if teacher is None else load_teacher(os.fspath(teacher), mf, model)
+    check_run_folder(out_dir, [model, None if chosen is None else chosen.path, data, val_data])
+    preset = preset or (None if config else mf.finetune_preset)
+    config = config or PRESETS[mf.finetune_preset]
+    provenance: dict[str, Any] = {"command": "finetune", "model": os.fspath(model)}
+    if chosen is not None:
+        if config.kd_weight <= 0:
+            raise TrainError(f"a teacher needs a distillation weight above 0 (config.kd_weight; chip's: {KD_WEIGHT})")
+        provenance["teacher"] = {"path": str(chosen.path.resolve()), "sha256": chosen.sha256}
+        config = dataclasses.replace(config, teacher=chosen.sha256)
+
+    def made(train: ImageSplit) -> ModelFile:
+        mf.check_classes(train.classes, ignore_names=ignore_class_names)
+        return mf
+
+    return _run(made, data, out_dir, config, provenance, preset, val_data, ignore_class_names, resume, execution,
+                None if chosen is None else chosen.model_file.model)  # fmt: skip
+
+
+def train(
+    arch: str,
+    data: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: Config | None = None,
+    *,
+    model_kwargs: dict[str, Any] | None = None,
+    input_size: int | None = None,
+    normalize: str | None = None,
+    preset: str | None = None,
+    val_data: str | os.PathLike[str] | None = None,
+    ignore_class_names: bool = False,
+    resume: bool = False,
+    execution: Execution = Execution(),
+) -> Run:
+    """Train the architecture `arch` (a registry name, or torchvision:NAME / timm:NAME with `model_kwargs`,
+    `input_size`) from scratch on `data` into `out_dir` with `config` (default: the baseline-cifar preset), its
+    head as wide as the data's classes."""
+    check_run_folder(out_dir, [data, val_data])
+    library = external.is_external(arch)
+    if not library and (model_kwargs or input_size):
+        raise TrainError("model_kwargs and input_size are for library models, not registry architectures")
+    preset = preset or (None if config else "baseline-cifar")
+    config = config or PRESETS["baseline-cifar"]
+
+    def made(split: ImageSplit) -> ModelFile:
+        torch.manual_seed(config.seed)  # the initial weights
+        meta = {"trained_from_scratch": arch}
+        if not library:
+            mean, std = parse_normalization(normalize or "imagenet")
+            return ModelFile(arch, create_model(arch, None, len(split.classes)), mean, std, split.classes, meta)
+        kwargs = {"num_classes": len(split.classes), **(model_kwargs or {})}
+        mf = library_model(arch, kwargs, input_size=input_size, normalize=normalize)
+        mf.check_classes(split.classes, ignore_names=ignore_class_names)
+        return dataclasses.replace(mf, classes=list(split.classes), meta=meta)
+
+    provenance = {"command": "train", "arch": arch}
+    return _run(made, data, out_dir, config, provenance, preset, val_data, ignore_class_names, resume, execution)
+
+
+def _run(
+    made: Any, data: str | os.PathLike[str], out_dir: str | os.PathLike[str], config: Config,
+    provenance: dict[str, Any], preset: str | None, val_data: str | os.PathLike[str] | None,
+    ignore_class_names: bool, resume: bool, execution: Execution, teacher: nn.Module | None = None,
+) -> Run:  # fmt: skip
+    """Load the splits, make the model for them (`made`), and run the training loop in the run folder."""
+    with distributed(execution.device) as place:
+        train_split, test = load_data(os.fspath(data), None if val_data is None else os.fspath(val_data),
+                                      config.train_subset, config.seed, place, ignore_class_names)  # fmt: skip
+        mf = made(train_split)
+        precision = choose(execution.amp, execution.channels_last, place.device)
+        record = {**provenance, "data": os.fspath(data), "val_data": val_data and os.fspath(val_data), "preset": preset}
+        history = fit(
+            mf, train_split, test, dataclasses.replace(config, amp=precision.amp), Path(out_dir), resume=resume,
+            place=place, precision=precision, compile=execution.compile, workers=execution.workers,
+            progress=execution.progress, provenance=record, teacher=teacher,
+        )  # fmt: skip
+    return Run(Path(out_dir), history if place.is_main else [], place.is_main)
+
+
 __all__ = [
     "Calibration", "Metrics", "Profile", "PruneReport", "Pruned", "Scores", "Sizes", "architecture", "evaluate",
-    "export", "import_model", "load_model", "load_scores", "profile", "prune", "score",
+    "export", "import_model", "load_model", "load_scores", "profile", "prune", "score", "Execution", "Run",
+    "finetune", "train",
 ]  # fmt: skip

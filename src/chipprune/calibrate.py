@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from tqdm import tqdm
 
+from ._memory import out_of_memory
 from .criteria import ActivationCriterion, Criterion
 from .data.batching import Batches, share
 from .models import ChannelLayer
@@ -96,7 +97,7 @@ def score_maps(
     count = torch.zeros((), dtype=torch.float64)
     try:
         total = len(inputs) if isinstance(inputs, Sized) else None
-        shown = progress and place.writer
+        shown = progress and place.is_main
         for x in tqdm(inputs, desc=f"scoring ({criterion.name})", total=total, unit="batch", disable=not shown):
             part = x[share(len(x), place.rank, place.world)]
             if len(part):
@@ -155,7 +156,7 @@ class _MapSums:
             self.model(part.to(self.device))
             return
         except RuntimeError as e:
-            if not _out_of_memory(e):
+            if not out_of_memory(e):
                 raise
             for name, s in saved.items():
                 self.sums[name].copy_(s)
@@ -188,11 +189,6 @@ def _four_d(fmap: Tensor, channel_dim: int) -> Tensor:
         return fmap[:, :, None, None]
     fmap = fmap.movedim(channel_dim, 1)
     return fmap.unsqueeze(-1) if fmap.dim() == 3 else fmap.flatten(3)
-
-
-def _out_of_memory(e: RuntimeError) -> bool:
-    """Whether an error is an allocation failure (CUDA's has its own type; the CPU allocator's only a message)."""
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .._memory import memory_reason, out_of_memory
 from ..calibrate import CalibrationError
 from ..data import DataError
 from ..deploy.export import ExportError
@@ -22,7 +23,7 @@ from ..pruning.budgets import BudgetError
 from ..pruning.sparsity import SparsityError
 from ..training.loop import TrainError
 from ..training.runs import RunError
-from ._arguments import UsageError, memory_reason, out_of_memory, quiet_stdout
+from ._arguments import UsageError, quiet_stdout
 from ._parser import build_parser
 
 REFUSALS = (UsageError, ModelFileError, DataError, CalibrationError, SparsityError, TrainError, ExportError,

@@ -10,14 +10,11 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 import torch
-
-from ..files.fileio import size_text
 
 MAX_INT = 2**31 - 1  # counts and sizes beyond this are no use and overflow torch's sizes
 MAX_SEED = 2**32  # seeds are in [0, 2**32): training seeds epoch e with seed * 1_000_000 + e, within 64 bits
@@ -151,26 +148,6 @@ def opset(text: str) -> int:
     if not lo <= value <= hi:
         raise argparse.ArgumentTypeError(f"torch {torch.__version__} exports opsets {lo} to {hi}, not {value}")
     return value
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """Whether an error is an allocation failure: torch's on a GPU, the CPU allocator's (a RuntimeError told by its
-    message), or Python's."""
-    if isinstance(e, torch.OutOfMemoryError | MemoryError):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
-
-
-def memory_reason(e: BaseException) -> str:
-    """What an allocation failure asked for, in a few words."""
-    asked = re.search(r"tried to allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", str(e))
-    if asked is None:
-        return "out of memory"
-    amount = asked.group(1)
-    if amount.endswith(" bytes"):
-        amount = size_text(int(amount.split()[0]))
-    return f"out of memory: {amount} asked for at once"
 
 
 def quiet_stdout() -> None:

@@ -11,12 +11,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 from .. import api
+from .._memory import memory_reason, out_of_memory
 from ..files.fileio import check_output
 from ..models import external
 from ..pruning.budgets import CLI, Allocate, Budget, Flops, Latency, Ratio, Sparsity
 from ..training.distributed import launched
 from . import _render as render
-from ._arguments import UsageError, memory_reason, out_of_memory
+from ._arguments import UsageError
 from ._training import cmd_finetune, cmd_train
 
 __all__ = ["cmd_eval", "cmd_export", "cmd_finetune", "cmd_import", "cmd_profile", "cmd_prune", "cmd_score",

@@ -238,8 +238,8 @@ def _analyse(
 ) -> _Analysis:
     """Groups and their importances (measured unless given); the given ignored layers and the output layers keep
     their outputs."""
-    judge = get_criterion(criterion) if isinstance(criterion, str) else criterion
-    if not isinstance(judge, ActivationCriterion | WeightCriterion):
+    chosen = get_criterion(criterion) if isinstance(criterion, str) else criterion
+    if not isinstance(chosen, ActivationCriterion | WeightCriterion):
         raise ValueError(f"criterion must be a name or have batch_sum or weight_scores, got {criterion!r}")
     ignored = {names.get(m, "?") if isinstance(m, nn.Module) else m for m in ignored_layers}
     unknown = sorted(ignored - set(names.values()))
@@ -253,7 +253,7 @@ def _analyse(
             raise ValueError("importance: not from group_importance on this model with these ignored_layers")
         if importance is None:  # else prune_model runs the pruned model before returning it
             _probe(model, example_inputs, analysis)
-        analysis.importance = importance or _importances(model, analysis, judge, calibration)
+        analysis.importance = importance or _importances(model, analysis, chosen, calibration)
         return analysis
     finally:
         model.train(training)
@@ -427,14 +427,14 @@ def _members(graph: tp.DependencyGraph, group: Group, inputs: bool) -> list[Memb
 
 
 def _importances(
-    model: nn.Module, analysis: _Analysis, judge: Criterion, calibration: Iterable[Any]
+    model: nn.Module, analysis: _Analysis, chosen: Criterion, calibration: Iterable[Any]
 ) -> dict[str, Tensor]:
     """The importance of every group's channel classes, keyed by the name of the group's root layer."""
     graph, names, groups = analysis.graph, analysis.names, analysis.groups
     producers = [_members(graph, group, inputs=False) for group in groups]
-    if not isinstance(judge, ActivationCriterion):
+    if not isinstance(chosen, ActivationCriterion):
         return {
-            g.root: _combine([(_filter_scores(judge, m), i, r) for m, i, r in made], len(g.classes))
+            g.root: _combine([(_filter_scores(chosen, m), i, r) for m, i, r in made], len(g.classes))
             for g, made in zip(groups, producers, strict=True)
         }
     consumers = [_members(graph, group, inputs=True) for group in groups]
@@ -445,7 +445,7 @@ def _importances(
     }
     inputs = (batch[0] if isinstance(batch, tuple | list) else batch for batch in calibration)
     device = next(model.parameters()).device
-    scores, _, same = score_maps(model, taps, judge, inputs, device=device)
+    scores, _, same = score_maps(model, taps, chosen, inputs, device=device)
     importance, flat, unseen = {}, [], []
     for group, made, read in zip(groups, producers, consumers, strict=True):
         read = [(m, i, r) for m, i, r in read if names[m] not in same]  # a map read by several layers counts once
@@ -460,24 +460,24 @@ def _importances(
             importance[group.root] = _combine([(_filter_scores(L1(), m), i, r) for m, i, r in made], len(group.classes))
     if flat:
         warnings.warn(
-            f"{judge.name}: no spatial feature map reads the channels of the groups rooted at "
+            f"{chosen.name}: no spatial feature map reads the channels of the groups rooted at "
             f"{', '.join(flat)}; scored on the 2-D input of the linear layers reading them (one position "
             "per image: a magnitude ranking)",
             stacklevel=4,
         )
     if unseen:
         warnings.warn(
-            f"{judge.name}: no layer's input was observed holding the channels of the groups rooted at "
+            f"{chosen.name}: no layer's input was observed holding the channels of the groups rooted at "
             f"{', '.join(unseen)}; scored by the L1 norm of their filters",
             stacklevel=4,
         )
     return importance
 
 
-def _filter_scores(judge: WeightCriterion, layer: nn.Module) -> Tensor:
+def _filter_scores(chosen: WeightCriterion, layer: nn.Module) -> Tensor:
     """A weight criterion's scores of a conv's filters; the L1 norms of a linear layer's rows."""
     if isinstance(layer, nn.modules.conv._ConvNd):
-        return judge.weight_scores(cast(nn.Conv2d, layer))
+        return chosen.weight_scores(cast(nn.Conv2d, layer))
     return L1().weight_scores(cast(nn.Conv2d, layer))  # only its weight is read
 
 

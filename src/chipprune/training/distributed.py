@@ -22,7 +22,7 @@ class Place:
     device: torch.device = torch.device("cpu")
 
     @property
-    def writer(self) -> bool:
+    def is_main(self) -> bool:
         """Whether this process writes files and prints progress (rank 0: the others compute the same results)."""
         return self.rank == 0
 

@@ -38,10 +38,20 @@ from ..models import RegistryModel
 from .distributed import LOCAL, Place, all_reduce, barrier, broadcast_buffers, on_any
 from .evaluate import evaluate
 from .precision import FLOAT32, Precision
-from .runs import LossWatch, Stopped, check_compile, check_identity, holding_lock, identity, refuse_previous, until
+from .runs import (
+    RUN_FILES,
+    Identity,
+    LossWatch,
+    Stopped,
+    check_compile,
+    check_identity,
+    identity,
+    refuse_previous,
+    run_lock,
+    until,
+)
 
 LOG_EVERY = 10  # steps between progress-bar updates: each one waits for the device
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "curves.png")
 HISTORY_NEEDS = ("epoch", "lr", "train_loss", "train_top1", "test_top1")  # what a resumed run reads of each epoch
 SHA256 = re.compile("[0-9a-f]{64}")
 
@@ -179,9 +189,9 @@ def load_data(
 ) -> tuple[ImageSplit, ImageSplit | None]:
     """The train split (a seeded subset of it, if asked) and the evaluation split, if there is one, with the same
     classes (or, with `ignore_class_names`, as many, matched by position)."""
-    train = load_split(source, "train", progress=place.writer)
+    train = load_split(source, "train", progress=place.is_main)
     if subset is not None:
-        if subset > len(train) and place.writer:
+        if subset > len(train) and place.is_main:
             warnings.warn(
                 f"asked for {subset} training images, the train split has {len(train)}: using them all", stacklevel=2
             )
@@ -194,11 +204,11 @@ def load_data(
             spans=None if train.spans is None else train.spans[idx],
         )
     try:
-        test = load_split(val_source or source, "test", progress=place.writer)
+        test = load_split(val_source or source, "test", progress=place.is_main)
     except MissingSplit as e:  # a damaged split is an error, not a reason to train without evaluation
         if val_source:
             raise
-        if place.writer:
+        if place.is_main:
             warnings.warn(f"no evaluation split ({e}): training without evaluation, so no best.pt", stacklevel=2)
         return train, None
     if test.classes != train.classes:
@@ -207,7 +217,7 @@ def load_data(
                 f"the evaluation split's classes differ from the train split's: {val_source or source}"
                 + ("" if ignore_class_names else " (--ignore-class-names matches as many by position)")
             )
-        if place.writer:
+        if place.is_main:
             warnings.warn("matching the evaluation split's classes to the train split's by position", stacklevel=2)
     return train, test
 
@@ -221,7 +231,6 @@ def lr_at(step: int, cfg: Config, steps_per_epoch: int) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, decay)))
 
 
-@holding_lock  # one process at a time in a run folder
 def fit(
     mf: ModelFile,
     train: ImageSplit,
@@ -235,11 +244,37 @@ def fit(
     compile: bool = False,
     workers: int = 0,
     progress: bool = True,
-    about: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
     teacher: nn.Module | None = None,
 ) -> list[dict[str, Any]]:
     """Train mf's model on `train`, evaluating on `test` after each epoch, in the run folder; the metrics per epoch.
     With a teacher (cfg.teacher names its file), the loss distills from its logits (distillation_loss)."""
+    steps = _checked(train, cfg, place, precision, compile, teacher)
+    with run_lock(run, place.is_main):  # one process at a time in a run folder
+        ident = identity(provenance, mf.arch, mf.mean, mf.std, train, test)  # a resume must match it
+        mf, state = _start(mf, cfg, run, resume, ident, steps, place)
+        if place.is_main:
+            print(f"precision: {precision.describe()}", file=sys.stderr)
+            _remove_stale_temps(run)
+            save_json(
+                _run_config(provenance, cfg, place, precision, compile, train, test, steps, state), run / "config.json"
+            )
+        loop = _Loop.prepare(mf, teacher, state, cfg, run, place, precision, compile, steps, workers, progress)
+        train, test = _to(train, place.device), None if test is None else _to(test, place.device)
+        with _stop_requests() as stop_asked:
+            for epoch in range(len(state["history"]) + 1, cfg.epochs + 1):
+                done = loop.train_epoch(epoch, train, stop_asked)
+                loop.end_epoch(epoch, done, test, stop_asked)
+        if place.is_main:
+            plot_curves(state["history"], run / "curves.png")
+        barrier(place)  # the others wait for rank 0's writes: torchrun ends every process once one has exited
+    return cast(list[dict[str, Any]], state["history"])
+
+
+def _checked(
+    train: ImageSplit, cfg: Config, place: Place, precision: Precision, compile: bool, teacher: nn.Module | None
+) -> int:
+    """The steps per epoch, once the run's settings are found to go together."""
     if (teacher is None) != (cfg.teacher is None):
         raise TrainError("a teacher model and cfg.teacher (its file's SHA-256) go together")
     if precision.amp != cfg.amp:
@@ -254,166 +289,187 @@ def fit(
     if cfg.sync_bn and place.world > 1 and place.device.type == "cpu":
         raise TrainError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on CPU")
     check_compile(compile, place.device)
+    return steps
+
+
+def _start(
+    mf: ModelFile, cfg: Config, run: Path, resume: bool, ident: Identity, steps: int, place: Place
+) -> tuple[ModelFile, dict[str, Any]]:
+    """The model and the training state to start from: the run's last checkpoint on --resume, else fresh ones."""
     last = run / "last.pt"
-    state: dict[str, Any]
-    resuming = resume and last.exists()
-    ident = identity(about, mf.arch, mf.mean, mf.std, train, test)  # what the run is of: a resume must match it
-    if resuming:
-        mf, state = _resume(last, cfg, ident, steps, place.device)
-    elif last.exists():
+    if resume and last.exists():
+        return _resume(last, cfg, ident, steps, place.device)
+    if last.exists():
         raise TrainError(f"{run} already holds a run: --resume to continue it, or choose another --out-dir")
-    else:
-        refuse_previous(run)
-        if resume and place.writer:  # one command line for the first start and every restart
-            print(f"--resume: no {last} yet, starting the run", file=sys.stderr)
-        state = {"step": 0, "history": [], "best_top1": None, "partial": Tally(), "identity": ident}
-    if place.writer:
-        print(f"precision: {precision.describe()}", file=sys.stderr)
-        _remove_stale_temps(run)
-        save_json(
-            {
-                **(about or {}),
-                "config": asdict(cfg),
-                "processes": place.world,
-                "device": str(place.device),
-                "channels_last": precision.channels_last,
-                "precision": precision.why,
-                "compile": compile,
-                "train_images": len(train),
-                "test_images": len(test) if test else None,
-                "steps_per_epoch": steps,
-                "start_step": state["step"],
-                "torch": torch.__version__,
-            },
-            run / "config.json",
-        )
+    refuse_previous(run)
+    if resume and place.is_main:  # one command line for the first start and every restart
+        print(f"--resume: no {last} yet, starting the run", file=sys.stderr)
+    return mf, {"step": 0, "history": [], "best_top1": None, "partial": Tally(), "identity": ident._asdict()}
 
-    device = place.device
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # one input shape all run: let cuDNN time its algorithms once
-    # The whole uint8 dataset lives on the device: batches are gathered, cropped and flipped there.
-    train, test = _to(train, device), None if test is None else _to(test, device)
-    model = cast(RegistryModel, mf.model.to(device))
-    if cfg.sync_bn and place.world > 1:
-        model = cast(RegistryModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # untyped in torch
-    if teacher is not None:  # frozen, in eval mode: its BatchNorm statistics are the dense parent's
-        teacher = teacher.to(device).eval().requires_grad_(False)
+
+def _run_config(
+    provenance: dict[str, Any] | None, cfg: Config, place: Place, precision: Precision, compile: bool,
+    train: ImageSplit, test: ImageSplit | None, steps: int, state: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """What config.json records of a run (and of each restart: its start_step)."""
+    return {
+        **(provenance or {}),
+        "config": asdict(cfg),
+        "processes": place.world,
+        "device": str(place.device),
+        "channels_last": precision.channels_last,
+        "precision": precision.why,
+        "compile": compile,
+        "train_images": len(train),
+        "test_images": len(test) if test else None,
+        "steps_per_epoch": steps,
+        "start_step": state["step"],
+        "torch": torch.__version__,
+    }
+
+
+class _Trained(NamedTuple):
+    """An epoch's training: its sums over every process, the seconds before this start and when this start began."""
+
+    sums: Tally
+    before: float
+    began: float
+
+
+@dataclass
+class _Loop:
+    """The model on its device, its optimizer and scaler, and the state a checkpoint saves, epoch by epoch."""
+
+    mf: ModelFile
+    model: RegistryModel
+    net: nn.Module  # the model as the steps call it: wrapped in DDP or compiled where asked
+    teacher: nn.Module | None
+    opt: torch.optim.SGD
+    scaler: torch.amp.GradScaler
+    state: dict[str, Any]
+    cfg: Config
+    run: Path
+    place: Place
+    precision: Precision
+    steps: int
+    workers: int
+    progress: bool
+
+    @classmethod
+    def prepare(
+        cls, mf: ModelFile, teacher: nn.Module | None, state: dict[str, Any], cfg: Config, run: Path, place: Place,
+        precision: Precision, compile: bool, steps: int, workers: int, progress: bool,
+    ) -> _Loop:  # fmt: skip
+        """The model, teacher and optimizer on the device, restored from `state` where it is a checkpoint's."""
+        device = place.device
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one input shape all run: let cuDNN time its algorithms once
+        model = cast(RegistryModel, mf.model.to(device))
+        if cfg.sync_bn and place.world > 1:
+            model = cast(RegistryModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))
         if precision.channels_last:
-            teacher = teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # untyped in torch
-    opt = _optimizer(model, cfg)
-    scaler = _scaler(cfg, device)
-    if resuming:  # the hyperparameters are the run's (cfg, checked equal): the checkpoint gives the momentum buffers
-        opt.load_state_dict({**state.pop("optimizer"), "param_groups": opt.state_dict()["param_groups"]})
-        scaler.load_state_dict(state.pop("scaler"))
-        _set_rng_states(state.pop("rng"), device)
-    net: nn.Module = model
-    if place.world > 1:
-        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if compile:
-        net = cast(nn.Module, torch.compile(net))
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # untyped in torch
+        if teacher is not None:  # frozen, in eval mode: its BatchNorm statistics are the dense parent's
+            teacher = teacher.to(device).eval().requires_grad_(False)
+            if precision.channels_last:
+                teacher = teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # untyped
+        opt, scaler = _optimizer(model, cfg), _scaler(cfg, device)
+        if "optimizer" in state:  # resuming: the hyperparameters are cfg's (checked equal), the momentum the file's
+            opt.load_state_dict({**state.pop("optimizer"), "param_groups": opt.state_dict()["param_groups"]})
+            scaler.load_state_dict(state.pop("scaler"))
+            _set_rng_states(state.pop("rng"), device)
+        net: nn.Module = model
+        if place.world > 1:
+            net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if compile:
+            net = cast(nn.Module, torch.compile(net))
+        return cls(mf, model, net, teacher, opt, scaler, state, cfg, run, place, precision, steps, workers, progress)
 
-    def save(path: Path, training: dict[str, Any] | None) -> None:
-        meta = {
-            **mf.meta,
-            "trained": {
-                "epochs": len(state["history"]),
-                "step": state["step"],
-                "run": run.name,
-                "best_top1": state["best_top1"],
-            },
-        }
-        dataclasses.replace(mf, model=model, meta=meta).save(path, training)
+    def save(self, path: Path, training: dict[str, Any] | None) -> None:
+        """Write the model (and the training state, for last.pt) with what it was trained for so far."""
+        state = self.state
+        trained = {"epochs": len(state["history"]), "step": state["step"], "run": self.run.name,
+                   "best_top1": state["best_top1"]}  # fmt: skip
+        dataclasses.replace(self.mf, model=self.model, meta={**self.mf.meta, "trained": trained}).save(path, training)
 
-    def stop(partial: Tally, epoch: int) -> NoReturn:
+    def checkpoint(self) -> None:
+        """Save last.pt: everything to go on exactly from here."""
+        self.save(self.run / "last.pt", _training_state(self.state, self.cfg, self.opt, self.scaler, self.place.device))
+
+    def stop(self, partial: Tally, epoch: int) -> NoReturn:
         """Save last.pt with the epoch's sums so far, say where, and stop (every process: KeyboardInterrupt)."""
-        state["partial"] = partial
-        if place.writer:
-            save(last, _training_state(state, cfg, opt, scaler, device))
-            print(
-                f"stopped: saved {last} at epoch {epoch}, step {state['step']}; continue with --resume", file=sys.stderr
-            )
-        barrier(place)  # no process may exit (and have torchrun end the others) before the save
+        self.state["partial"] = partial
+        if self.place.is_main:
+            self.checkpoint()
+            print(f"stopped: saved {self.run / 'last.pt'} at epoch {epoch}, step {self.state['step']}; continue with "
+                  "--resume", file=sys.stderr)  # fmt: skip
+        barrier(self.place)  # no process may exit (and have torchrun end the others) before the save
         raise KeyboardInterrupt
 
-    history: list[dict[str, Any]] = state["history"]
-    with _stop_requests() as stop_asked:
-        for epoch in range(len(history) + 1, cfg.epochs + 1):
-            start = state["step"] - (epoch - 1) * steps  # > 0 when resuming an epoch cut short
-            # Rank 0 carries the sums of an epoch cut short; every process adds its own, summed at the end.
-            sums = StepSums.starting_at(state["partial"] if place.writer else Tally(), device)
-            before, began = state["partial"].seconds, time.perf_counter()
-            stream = mf.batches(
-                train,
-                cfg.batch_size,
-                train=True,
-                shuffle=True,
-                seed=cfg.seed * 1_000_000 + epoch,
-                workers=workers,
-                drop_last=True,
-                start=start,
-                rank=place.rank,
-                world=place.world,
-                device=device,
-            )
-            bar = tqdm(
-                stream,
-                desc=f"epoch {epoch}/{cfg.epochs}",
-                total=steps,
-                initial=start,
-                unit="step",
-                disable=not progress or not place.writer,
-            )
-            net.train()
-            watch = LossWatch(device)  # the first step of a non-finite loss, if any
-            for done, (x, y) in enumerate(bar, 1):
-                if precision.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                _step(net, teacher, opt, scaler, x, y, lr_at(state["step"], cfg, steps), cfg, precision, sums)
-                state["step"] += 1
-                watch.see(sums.loss, state["step"])
-                if done % LOG_EVERY == 0:
-                    rate = done * cfg.batch_size / (time.perf_counter() - began)
-                    bar.set_postfix_str(f"loss {float(sums.loss / sums.images):.3f}, {rate:.0f} img/s")
-                    if place.world == 1:
-                        watch.check(epoch, steps)
-                if on_any(stop_asked(), place):
-                    partial = sums.reduced(place, before + time.perf_counter() - began)
-                    watch.check(epoch, steps, partial.loss)  # no checkpoint of non-finite weights
-                    stop(partial, epoch)
-            bar.close()
-            epoch_sums = sums.reduced(place, before + time.perf_counter() - began)
-            watch.check(epoch, steps, epoch_sums.loss)
-            try:
-                top1, top5 = _evaluate(model, test, mf, cfg.batch_size, workers, place, precision, progress, stop_asked)
-            except Stopped:  # asked during the evaluation: saved as at the epoch's last step, evaluated on resume
-                stop(epoch_sums, epoch)
-            history.append(
-                {
-                    "epoch": epoch,
-                    "lr": lr_at(epoch * steps - 1, cfg, steps),
-                    "train_loss": epoch_sums.loss / epoch_sums.images,
-                    "train_top1": 100 * epoch_sums.hits / epoch_sums.images,
-                    "test_top1": top1,
-                    "test_top5": top5,
-                    "images_per_s": epoch_sums.images / epoch_sums.seconds,
-                    "seconds": before + time.perf_counter() - began,
-                }
-            )
-            best = top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"])
+    def train_epoch(self, epoch: int, train: ImageSplit, stop_asked: Callable[[], bool]) -> _Trained:
+        """One epoch's steps (the rest of one cut short), stopping with a checkpoint where a stop is asked."""
+        cfg, place, state, steps = self.cfg, self.place, self.state, self.steps
+        start = state["step"] - (epoch - 1) * steps  # > 0 when resuming an epoch cut short
+        # Rank 0 carries the sums of an epoch cut short; every process adds its own, summed at the end.
+        sums = StepSums.starting_at(state["partial"] if place.is_main else Tally(), place.device)
+        before, began = state["partial"].seconds, time.perf_counter()
+        stream = self.mf.batches(
+            train, cfg.batch_size, train=True, shuffle=True, seed=cfg.seed * 1_000_000 + epoch, workers=self.workers,
+            drop_last=True, start=start, rank=place.rank, world=place.world, device=place.device,
+        )  # fmt: skip
+        bar = tqdm(stream, desc=f"epoch {epoch}/{cfg.epochs}", total=steps, initial=start, unit="step",
+                   disable=not self.progress or not place.is_main)  # fmt: skip
+        self.net.train()
+        watch = LossWatch(place.device)  # the first step of a non-finite loss, if any
+        for done, (x, y) in enumerate(bar, 1):
+            if self.precision.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            lr = lr_at(state["step"], cfg, steps)
+            _step(self.net, self.teacher, self.opt, self.scaler, x, y, lr, cfg, self.precision, sums)
+            state["step"] += 1
+            watch.see(sums.loss, state["step"])
+            if done % LOG_EVERY == 0:
+                rate = done * cfg.batch_size / (time.perf_counter() - began)
+                bar.set_postfix_str(f"loss {float(sums.loss / sums.images):.3f}, {rate:.0f} img/s")
+                if place.world == 1:
+                    watch.check(epoch, steps)
+            if on_any(stop_asked(), place):
+                partial = sums.reduced(place, before + time.perf_counter() - began)
+                watch.check(epoch, steps, partial.loss)  # no checkpoint of non-finite weights
+                self.stop(partial, epoch)
+        bar.close()
+        epoch_sums = sums.reduced(place, before + time.perf_counter() - began)
+        watch.check(epoch, steps, epoch_sums.loss)
+        return _Trained(epoch_sums, before, began)
+
+    def end_epoch(self, epoch: int, trained: _Trained, test: ImageSplit | None, stop_asked: Callable[[], bool]) -> None:
+        """Evaluate, add the epoch to the history, and save last.pt, best.pt where it is the best, metrics.jsonl."""
+        cfg, state, sums = self.cfg, self.state, trained.sums
+        try:
+            top1, top5 = _evaluate(self.model, test, self.mf, cfg.batch_size, self.workers, self.place,
+                                   self.precision, self.progress, stop_asked)  # fmt: skip
+        except Stopped:  # asked during the evaluation: saved as at the epoch's last step, evaluated on resume
+            self.stop(sums, epoch)
+        state["history"].append({
+            "epoch": epoch,
+            "lr": lr_at(epoch * self.steps - 1, cfg, self.steps),
+            "train_loss": sums.loss / sums.images,
+            "train_top1": 100 * sums.hits / sums.images,
+            "test_top1": top1,
+            "test_top5": top5,
+            "images_per_s": sums.images / sums.seconds,
+            "seconds": trained.before + time.perf_counter() - trained.began,
+        })  # fmt: skip
+        best = top1 is not None and (state["best_top1"] is None or top1 > state["best_top1"])
+        if best:
+            state["best_top1"] = top1
+        state["partial"] = Tally()
+        if self.place.is_main:
+            self.checkpoint()
             if best:
-                state["best_top1"] = top1
-            state["partial"] = Tally()
-            if place.writer:
-                save(last, _training_state(state, cfg, opt, scaler, device))
-                if best:
-                    save(run / "best.pt", None)
-                atomic_write(run / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
-    if place.writer:
-        plot_curves(history, run / "curves.png")
-    barrier(place)  # the others wait for rank 0's writes: torchrun ends every process once one has exited
-    return history
+                self.save(self.run / "best.pt", None)
+            lines = "".join(json.dumps(h) + "\n" for h in state["history"])
+            atomic_write(self.run / "metrics.jsonl", lines.encode())
 
 
 def _remove_stale_temps(run: Path) -> None:
@@ -489,7 +545,7 @@ def _evaluate(
     stream = mf.batches(test, batch_size, workers=workers, rank=place.rank, world=place.world, device=place.device)
     if stop_asked is not None and place.world == 1:
         stream = until(stop_asked, stream)
-    r = evaluate(model, stream, device=place.device, precision=precision, progress=progress and place.writer)
+    r = evaluate(model, stream, device=place.device, precision=precision, progress=progress and place.is_main)
     counts = torch.tensor(
         [r["top1"] * r["images"] / 100, r["top5"] * r["images"] / 100, r["images"]],
         dtype=torch.float64,
@@ -501,7 +557,7 @@ def _evaluate(
 
 
 def _resume(
-    last: Path, cfg: Config, ident: dict[str, Any], steps: int, device: torch.device
+    last: Path, cfg: Config, ident: Identity, steps: int, device: torch.device
 ) -> tuple[ModelFile, dict[str, Any]]:
     """The model and training state of a run's last checkpoint, which must be of this run (made with `cfg`, of
     identity `ident`, `steps` per epoch) and whole: every field of its training state is checked before the loop
@@ -533,7 +589,7 @@ def _resume(
         raise _damaged(last, damaged)
     partial = state["partial"]  # checkpoints before the named record held a list [loss, hits, images, seconds]
     state["partial"] = Tally(*partial) if isinstance(partial, list) else Tally(**partial)
-    state["identity"] = ident
+    state["identity"] = ident._asdict()
     return mf, state
 
 

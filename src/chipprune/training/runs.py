@@ -7,9 +7,7 @@ These guards live here so that the training loop (train.py) only calls them."""
 from __future__ import annotations
 
 import fcntl
-import functools
 import hashlib
-import inspect
 import math
 import os
 import re
@@ -17,7 +15,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -25,13 +23,12 @@ from torch import Tensor
 from ..data import ImageSplit
 from ..data.batching import Batches
 from ..files.fileio import OutputError, check_output, kind, mode_kind, replaced_input, sha256, size_text
-from .distributed import LOCAL, Place
 
 LOCK = ".lock"  # in the run folder: holds the pid of the process that runs it, locked (flock) while it does
 PID = re.compile(rb"(\d{1,20}\n?)?")  # what a lock file holds: nothing yet, or the pid of its last holder
 PID_BYTES = 21  # the most a lock file holds: 20 digits and a newline
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "curves.png")  # what a run folder holds
 PREVIOUS = ("best.pt", "metrics.jsonl", "curves.png")  # files of a previous run, beside its last.pt or not
-F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
 
@@ -49,8 +46,6 @@ class Stopped(Exception):
 def check_run_folder(run: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
     """Refuse, before any work, an --out-dir that is not a folder (or a new path), or one of whose run files would
     replace an input of the command (every file it reads: the model file, the teacher, a file of a data source)."""
-    from .loop import RUN_FILES  # here: train.py uses this module
-
     text = os.fspath(run)
     if not text.strip():
         raise OutputError("empty --out-dir")
@@ -67,24 +62,11 @@ def check_run_folder(run: str | os.PathLike, inputs: Iterable[str | os.PathLike 
             )
 
 
-def holding_lock(fit: F) -> F:
-    """Make `fit(..., run, ..., place=...)` hold the lock of its run folder (rank 0 only) for as long as it runs."""
-
-    @functools.wraps(fit)
-    def locked(*args: Any, **kwargs: Any) -> Any:
-        bound = inspect.signature(fit).bind(*args, **kwargs)
-        place = cast(Place, bound.arguments.get("place", LOCAL))
-        with run_lock(Path(bound.arguments["run"]), place.writer):
-            return fit(*args, **kwargs)
-
-    return cast(F, locked)
-
-
 @contextmanager
-def run_lock(run: Path, writer: bool = True) -> Iterator[None]:
+def run_lock(run: Path, is_main: bool = True) -> Iterator[None]:
     """Within, this process holds the run folder's lock: another one that asks for it is refused at once (an flock,
     released by the system if this process dies; the lock file stays, harmless)."""
-    if not writer:
+    if not is_main:
         yield
         return
     created = not os.path.lexists(run)
@@ -175,30 +157,43 @@ def refuse_previous(run: Path) -> None:
 # ---- identity ----------------------------------------------------------------------------------------------
 
 
-def identity(about: dict[str, Any] | None, arch: str, mean: Any, std: Any, train: ImageSplit, test: Any) -> dict:
-    """What a run is of, beside its hyperparameters: the model file (its SHA-256) or architecture and normalization,
-    the data sources and their sizes and classes. A resumed run must have the same."""
-    about = about or {}
-    model = about.get("model")
-    classes = hashlib.sha256("\n".join(train.classes).encode()).hexdigest()[:16]
-    return {
-        "model_sha256": sha256(model) if model else None,
-        "arch": arch,
-        "normalization": [list(map(float, mean)), list(map(float, std))],
-        "data": _resolved(about.get("data")),
-        "val_data": _resolved(about.get("val_data")),
-        "train_images": len(train),
-        "test_images": len(test) if test is not None else None,
-        "classes": classes,
-    }
+class Identity(NamedTuple):
+    """What a run is of, beside its hyperparameters: a resumed run must have the same."""
+
+    model_sha256: str | None  # the model file fine-tuned; None: trained from scratch
+    arch: str
+    normalization: list[list[float]]  # mean, std
+    data: str | None  # resolved paths of the data sources
+    val_data: str | None
+    train_images: int
+    test_images: int | None
+    classes: str  # SHA-256 (16 hex digits) of the class names in order
 
 
-def check_identity(stored: dict[str, Any] | None, now: dict[str, Any], last: Path) -> None:
+def identity(
+    provenance: dict[str, Any] | None, arch: str, mean: Any, std: Any, train: ImageSplit, test: Any
+) -> Identity:
+    """The identity of a run of the provenance's model file (or `arch`), normalization, data, sizes and classes."""
+    provenance = provenance or {}
+    model = provenance.get("model")
+    return Identity(
+        model_sha256=sha256(model) if model else None,
+        arch=arch,
+        normalization=[list(map(float, mean)), list(map(float, std))],
+        data=_resolved(provenance.get("data")),
+        val_data=_resolved(provenance.get("val_data")),
+        train_images=len(train),
+        test_images=len(test) if test is not None else None,
+        classes=hashlib.sha256("\n".join(train.classes).encode()).hexdigest()[:16],
+    )
+
+
+def check_identity(stored: dict[str, Any] | None, now: Identity, last: Path) -> None:
     """Refuse a resume whose model file, data or sizes differ from those the run was started with (a checkpoint of
     an older version has no identity: nothing to compare)."""
     if not isinstance(stored, dict):
         return
-    names = {
+    names = {  # each field as the user gave it
         "model_sha256": "model file (SHA-256)",
         "arch": "architecture",
         "normalization": "normalization",
@@ -208,7 +203,9 @@ def check_identity(stored: dict[str, Any] | None, now: dict[str, Any], last: Pat
         "test_images": "evaluation images",
         "classes": "classes",
     }
-    diff = [f"{names[k]} {_brief(stored.get(k))} (now {_brief(v)})" for k, v in now.items() if stored.get(k) != v]
+    diff = [
+        f"{names[k]} {_brief(stored.get(k))} (now {_brief(v)})" for k, v in now._asdict().items() if stored.get(k) != v
+    ]
     if diff:
         raise RunError(
             f"--resume: the run in {last.parent} was made with {', '.join(diff)}: resume it with the model file "
