@@ -27,9 +27,9 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from .. import models
 from ..data import ImageSplit, batches
 from ..models import ARCHS, RegistryModel, create_model, external, get_arch, rewidth
-from ..models.resnet_cifar import ChannelShortcut
 from . import _structure as structure
 from .fileio import atomic_write, kind, load_reason, reason, save_torch, size_text
 
@@ -429,20 +429,20 @@ def _check_widths(arch: str, widths: dict[str, int], source: str) -> None:
 def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Load weights, or raise one error listing every mismatched name and shape."""
     ours = model.state_dict()
-    optional = {k for k in ours if k.endswith("num_batches_tracked") or _is_shortcut_map(model, k)}
+    optional = {k for k in ours if k.endswith("num_batches_tracked") or models.is_structure(model, k)}
     problems = [f"missing {k}" for k in ours if k not in state and k not in optional]
     problems += [f"unexpected {k}" for k in state if k not in ours]
     problems += [
         f"{k}: shape {tuple(v.shape)} where the model has {tuple(ours[k].shape)}"
         for k, v in state.items()
-        if k in ours and not _is_shortcut_map(model, k) and v.shape != ours[k].shape
+        if k in ours and not models.is_structure(model, k) and v.shape != ours[k].shape
     ]
     problems += [
         f"{k}: {v.dtype} where the model has {ours[k].dtype}"
         for k, v in state.items()
         if k in ours and v.dtype != ours[k].dtype and (v.is_complex() or not _same_kind(v.dtype, ours[k].dtype))
     ]
-    problems += _shortcut_problems(model, state)
+    problems += models.state_problems(model, state)
     if problems:
         shown = "; ".join(problems[:12]) + (f"; … ({len(problems)} in all)" if len(problems) > 12 else "")
         raise ModelFileError(f"{source}: weights do not fit the architecture: {shown}")
@@ -451,33 +451,6 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None
         model.load_state_dict(state, strict=False)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:  # what the checks above did not foresee
         raise ModelFileError(f"{source}: weights do not fit the architecture: {reason(e)}") from None
-
-
-def _shortcut_problems(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
-    """What is wrong with the channel maps of a file's shortcuts: each an index list `src` into the block's input
-    channels, of the length of `dst`, an index list without repeats into the shortcut's output channels."""
-    problems = []
-    for name, module in model.named_modules():
-        if not isinstance(module, ChannelShortcut) or (f"{name}.src" not in state and f"{name}.dst" not in state):
-            continue
-        src, dst = state.get(f"{name}.src"), state.get(f"{name}.dst")
-        block = model.get_submodule(name.rpartition(".")[0])
-        inputs = cast(nn.Conv2d, block.get_submodule("conv1")).in_channels if hasattr(block, "conv1") else 0
-        ok = (
-            src is not None
-            and dst is not None
-            and src.dim() == dst.dim() == 1
-            and len(src) == len(dst)
-            and not src.is_floating_point()
-            and not dst.is_floating_point()
-            and torch.bool not in (src.dtype, dst.dtype)
-            and (len(src) == 0 or (0 <= int(src.min()) <= int(src.max()) < inputs))
-            and (len(dst) == 0 or (0 <= int(dst.min()) <= int(dst.max()) < module.out_channels))
-            and len(dst.unique()) == len(dst)
-        )
-        if not ok:
-            problems.append(f"{name}: src and dst are not a channel map from {inputs} to {module.out_channels}")
-    return problems
 
 
 def _head_inputs(arch: str, widths: dict[str, int] | None = None) -> int:
@@ -494,12 +467,6 @@ def _head_inputs(arch: str, widths: dict[str, int] | None = None) -> int:
 def _same_kind(a: torch.dtype, b: torch.dtype) -> bool:
     """Whether tensors of dtype `a` load into `b` without losing what they mean: float into float, int into int."""
     return a.is_floating_point == b.is_floating_point and (a == torch.bool) == (b == torch.bool)
-
-
-def _is_shortcut_map(model: nn.Module, key: str) -> bool:
-    """Whether a state key is a shortcut's channel map: structure, which older checkpoints lack."""
-    owner = key.rpartition(".")[0]
-    return isinstance(model.get_submodule(owner), ChannelShortcut) if owner else False
 
 
 def parse_normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -3,14 +3,37 @@ its own entries (ARCHS there); this module joins them."""
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, cast
 
-from torch import nn
+from torch import Tensor, nn
 
 from . import resnet50, resnet_cifar, vgg
-from .common import Arch, ChannelLayer, RegistryModel
+from .common import Arch, ChannelLayer, Modules, RegistryModel
 
 ARCHS: dict[str, Arch] = {**resnet_cifar.ARCHS, **vgg.ARCHS, **resnet50.ARCHS}
+MODULES: list[Modules] = [resnet_cifar.MODULES]  # the model modules with custom layers
+PRUNERS: dict[type[nn.Module], Any] = {t: p for m in MODULES for t, p in m.pruners.items()}
+
+
+@contextmanager
+def traceable(model: nn.Module) -> Iterator[None]:
+    """Within, `model` as Torch-Pruning can trace and prune it (each model module's custom layers made so)."""
+    with ExitStack() as stack:
+        for m in MODULES:
+            stack.enter_context(m.traceable(model))
+        yield
+
+
+def state_problems(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
+    """What is wrong with the tensors of a file's custom layers (their maps), for `model`."""
+    return [problem for m in MODULES for problem in m.state_problems(model, state)]
+
+
+def is_structure(model: nn.Module, key: str) -> bool:
+    """Whether a state key of `model` holds structure (a custom layer's map), which older files lack."""
+    return any(m.is_structure(model, key) for m in MODULES)
 
 
 def get_arch(name: str) -> Arch:
@@ -36,4 +59,7 @@ def rewidth(model: RegistryModel, name: str, num_classes: int) -> RegistryModel:
     return model
 
 
-__all__ = ["ARCHS", "Arch", "ChannelLayer", "RegistryModel", "create_model", "get_arch", "rewidth"]
+__all__ = [
+    "ARCHS", "Arch", "ChannelLayer", "Modules", "PRUNERS", "RegistryModel", "create_model", "get_arch",
+    "is_structure", "rewidth", "state_problems", "traceable",
+]  # fmt: skip

@@ -4,7 +4,9 @@ has in the registry."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -70,3 +72,13 @@ class Arch:
     head: str  # the classifier's module name (its `.weight` in a state dict gives the class count)
     finetune_preset: str  # chip finetune's default hyperparameters (train.PRESETS)
     presets: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Modules:
+    """What generic code (the dependency graph, the model-file reader) needs of a model module's custom layers."""
+
+    pruners: dict[type[nn.Module], Any]  # Torch-Pruning's pruner of each custom layer type
+    traceable: Callable[[nn.Module], AbstractContextManager[None]]  # the model as Torch-Pruning traces and prunes it
+    state_problems: Callable[[nn.Module, dict[str, Tensor]], list[str]]  # what is wrong with a file's custom tensors
+    is_structure: Callable[[nn.Module, str], bool]  # whether a state key holds structure (a map), not weights

@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .common import Arch, ChannelLayer, RegistryModel, paper_width, take, with_all_kept
+from .common import Arch, ChannelLayer, Modules, RegistryModel, paper_width, take, with_all_kept
 
 STAGE_CHANNELS = (16, 32, 64)
 
@@ -295,7 +295,7 @@ class IdentityShortcutPruner(tp.pruner.BasePruningFunc):
     get_in_channels = get_out_channels
 
 
-PRUNERS = {ChannelShortcut: ShortcutPruner(), IdentityShortcut: IdentityShortcutPruner()}
+PRUNERS: dict[type[nn.Module], Any] = {ChannelShortcut: ShortcutPruner(), IdentityShortcut: IdentityShortcutPruner()}
 
 
 @contextmanager
@@ -317,3 +317,39 @@ def traceable(model: nn.Module) -> Iterator[None]:
         for m in shortcuts:
             m.__class__ = ChannelShortcut
             m.set_map(m.src, m.dst)
+
+
+def shortcut_problems(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
+    """What is wrong with the channel maps of a file's shortcuts: each an index list `src` into the block's input
+    channels, of the length of `dst`, an index list without repeats into the shortcut's output channels."""
+    problems = []
+    for name, module in model.named_modules():
+        if not isinstance(module, ChannelShortcut) or (f"{name}.src" not in state and f"{name}.dst" not in state):
+            continue
+        src, dst = state.get(f"{name}.src"), state.get(f"{name}.dst")
+        block = model.get_submodule(name.rpartition(".")[0])
+        inputs = cast(nn.Conv2d, block.get_submodule("conv1")).in_channels if hasattr(block, "conv1") else 0
+        ok = (
+            src is not None
+            and dst is not None
+            and src.dim() == dst.dim() == 1
+            and len(src) == len(dst)
+            and not src.is_floating_point()
+            and not dst.is_floating_point()
+            and torch.bool not in (src.dtype, dst.dtype)
+            and (len(src) == 0 or (0 <= int(src.min()) <= int(src.max()) < inputs))
+            and (len(dst) == 0 or (0 <= int(dst.min()) <= int(dst.max()) < module.out_channels))
+            and len(dst.unique()) == len(dst)
+        )
+        if not ok:
+            problems.append(f"{name}: src and dst are not a channel map from {inputs} to {module.out_channels}")
+    return problems
+
+
+def is_shortcut_map(model: nn.Module, key: str) -> bool:
+    """Whether a state key is a shortcut's channel map: structure, which older checkpoints lack."""
+    owner = key.rpartition(".")[0]
+    return isinstance(model.get_submodule(owner), ChannelShortcut) if owner else False
+
+
+MODULES = Modules(PRUNERS, traceable, shortcut_problems, is_shortcut_map)

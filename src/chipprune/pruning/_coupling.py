@@ -27,8 +27,9 @@ from typing import Any, NamedTuple, cast
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency.node import Node
+
+from ._torch_pruning import hybrid_index, parameter_name
 
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear)  # what scores are taken at, and what groups are rooted at
 
@@ -159,7 +160,7 @@ def _classes(graph: tp.DependencyGraph) -> _Classes:
             mappings = [m for m in dep.index_mapping if m is not None]
             pairs = list(zip(idxs, idxs, strict=True))  # most dependencies map channel i to channel i
             if mappings:
-                mapped = [_HybridIndex(idx=i, root_idx=i) for i in idxs]
+                mapped = [hybrid_index(i, i) for i in idxs]
                 for mapping in mappings:
                     mapped = mapping(mapped)
                 pairs = [(h.root_idx, h.idx) for h in mapped]
@@ -302,7 +303,7 @@ def remove(
         pruner = cast(tp.pruner.BasePruningFunc, cast(Any, space.fn).__self__)
         pruner.pruning_dim = space.node.pruning_dim
         if isinstance(original, nn.Parameter):
-            owner, _, attr = graph._param_to_name[original].rpartition(".")
+            owner, _, attr = parameter_name(graph, original).rpartition(".")
             parent = model.get_submodule(owner)
             setattr(parent, attr, space.fn(getattr(parent, attr), idxs))
         elif original in names:

@@ -24,12 +24,12 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
-from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.node import Node
 
 from ..profile import LAYERS, call_macs
 from ._coupling import Space
+from ._torch_pruning import HybridIndex, concat_mapping, hybrid_index, saved, split_mapping
 
 # The calls whose arguments may hold channel counts. One is found again at run time by the line of the model's code
 # that made it and its number among the calls of that line in the same forward of the same module.
@@ -290,11 +290,11 @@ def map_indices(graph: tp.DependencyGraph, record: Record) -> None:
     the split before the concatenation: CSPNet's cross-stage concatenation)."""
     for node in graph.module2node.values():
         shape = record.shapes.get(node.grad_fn)
-        if node.type == tp.ops.OPTYPE.SPLIT and _saved_dim(node.grad_fn) == 1:
+        if node.type == tp.ops.OPTYPE.SPLIT and _split_dim(node.grad_fn) == 1:
             _size_pieces(node)
     for node in graph.module2node.values():
         shape = record.shapes.get(node.grad_fn)
-        if node.type == tp.ops.OPTYPE.CONCAT and shape is not None and node.grad_fn._saved_dim % len(shape) == 1:
+        if node.type == tp.ops.OPTYPE.CONCAT and shape is not None and saved(node.grad_fn, "dim") % len(shape) == 1:
             sizes = _sizes(graph, node, record)
             if len(sizes) == len(node.inputs) and None not in sizes and sum(cast(list[int], sizes)) == shape[1]:
                 _map_concatenation(node, cast(list[int], sizes))
@@ -330,7 +330,7 @@ def _map_concatenation(cat: Node, sizes: list[int]) -> None:
             dep = next((d for d in deps if d.target is to and id(d) not in done), None)
             if dep is not None:
                 done.add(id(dep))
-                dep.index_mapping[1] = index_mapping._ConcatIndexMapping(offset=offsets[i : i + 2], reverse=reverse)
+                dep.index_mapping[1] = concat_mapping(offsets[i : i + 2], reverse)
 
 
 def _sizes(graph: tp.DependencyGraph, cat: Node, record: Record) -> list[int | None]:
@@ -347,18 +347,18 @@ def _sizes(graph: tp.DependencyGraph, cat: Node, record: Record) -> list[int | N
     return sizes
 
 
-def _saved_dim(grad_fn: Any) -> int:
+def _split_dim(grad_fn: Any) -> int:
     """The dim a split's autograd node split."""
-    return int(grad_fn._saved_dim) % len(grad_fn._saved_self_sym_sizes)
+    return int(saved(grad_fn, "dim")) % len(saved(grad_fn, "self_sym_sizes"))
 
 
 def _size_pieces(split: Node) -> None:
     """A split's pieces sized from its autograd node (Torch-Pruning counts one piece per reader)."""
-    channels = split.grad_fn._saved_self_sym_sizes[1]
-    if hasattr(split.grad_fn, "_saved_split_sizes"):
-        sizes = list(split.grad_fn._saved_split_sizes)
+    channels = saved(split.grad_fn, "self_sym_sizes")[1]
+    if saved(split.grad_fn, "split_sizes") is not None:
+        sizes = list(saved(split.grad_fn, "split_sizes"))
     else:
-        size = split.grad_fn._saved_split_size
+        size = saved(split.grad_fn, "split_size")
         sizes = [size] * (channels // size) + ([channels % size] if channels % size else [])
     split.module.split_sizes = sizes
     split.module.offsets = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
@@ -374,12 +374,12 @@ def _map_pieces(split: Node) -> None:
         k = pieces.pop()
         for dep in split.dependencies:
             if dep.target is reader:
-                dep.index_mapping[0] = index_mapping._SplitIndexMapping(offset=offsets[k : k + 2], reverse=False)
+                dep.index_mapping[0] = split_mapping(offsets[k : k + 2], False)
         for dep in reader.dependencies:
             if dep.target is split:  # after the reader's own mapping (a concatenation's), which Torch-Pruning swaps
                 dep.index_mapping = [
                     dep.index_mapping[1],
-                    index_mapping._SplitIndexMapping(offset=offsets[k : k + 2], reverse=True),
+                    split_mapping(offsets[k : k + 2], True),
                 ]
 
 
@@ -388,9 +388,9 @@ class _Permutation(NamedTuple):
 
     perm: tuple[int, ...]
 
-    def __call__(self, idxs: list[_HybridIndex]) -> list[_HybridIndex]:
+    def __call__(self, idxs: list[HybridIndex]) -> list[HybridIndex]:
         """The mapped indices, each with its root index."""
-        return [_HybridIndex(idx=self.perm[i.idx], root_idx=i.root_idx) for i in idxs]
+        return [hybrid_index(self.perm[i.idx], i.root_idx) for i in idxs]
 
 
 class Shuffle(NamedTuple):
@@ -450,7 +450,7 @@ def _shuffle(call: Call, node: Node, record: Record) -> Shuffle | None:
     if after is None or "Transpose" not in type(after.grad_fn).__name__:
         return None
     dims = len(call.out_shapes[0])
-    if {after.grad_fn._saved_dim0 % dims, after.grad_fn._saved_dim1 % dims} != {1, 2}:
+    if {saved(after.grad_fn, "dim0") % dims, saved(after.grad_fn, "dim1") % dims} != {1, 2}:
         return None
     while len(after.outputs) == 1 and after.outputs[0].type == tp.ops.OPTYPE.ELEMENTWISE:
         after = after.outputs[0]  # contiguous()
@@ -468,11 +468,11 @@ class _Positions(NamedTuple):
     size: int
     reverse: bool  # from positions to channels
 
-    def __call__(self, idxs: list[_HybridIndex]) -> list[_HybridIndex]:
+    def __call__(self, idxs: list[HybridIndex]) -> list[HybridIndex]:
         """The mapped indices, each with its root index."""
         if self.reverse:
-            return [_HybridIndex(a * self.size + i.idx, i.root_idx) for i in idxs for a in range(self.blocks)]
-        return [_HybridIndex(i.idx % self.size, i.root_idx) for i in idxs]
+            return [hybrid_index(a * self.size + i.idx, i.root_idx) for i in idxs for a in range(self.blocks)]
+        return [hybrid_index(i.idx % self.size, i.root_idx) for i in idxs]
 
 
 def _positions(node: Node, blocks: int, size: int, merge: bool) -> None:

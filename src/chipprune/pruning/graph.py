@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from ..calibrate import Tap, score_maps
 from ..criteria import L1, ActivationCriterion, Criterion, WeightCriterion, get_criterion
-from ..models.resnet_cifar import PRUNERS, traceable
+from ..models import PRUNERS, traceable
 from . import _tracing as tracing
 from . import latency
 from ._coupling import LAYERS, Cost, Group, Space, costs, couple, macs_after, removable, removal, remove
@@ -54,7 +54,7 @@ FLOPS_TOLERANCE = 0.02  # flops_target is reached within this fraction of itself
 
 
 @dataclass
-class _Analysis:
+class Analysis:
     """A model's graph and trace, its prunable groups, their importance, and its layers' costs."""
 
     graph: tp.DependencyGraph
@@ -104,8 +104,8 @@ def prune_model(
     unknown = sorted(set(pruning_ratio) - set(names.values())) if isinstance(pruning_ratio, dict) else []
     if unknown:
         raise ValueError(f"pruning_ratio: no module named {', '.join(unknown)} in the model")
-    analysis = _analyse(model, example_inputs, calibration, criterion, ignored_layers, names, importance)
-    order = [_ranking(analysis.importance[g.root], g) for g in analysis.groups]
+    analysis = analyse(model, example_inputs, calibration, criterion, ignored_layers, names, importance)
+    order = [ranking(analysis.importance[g.root], g) for g in analysis.groups]
     least = [len(g.units) - removable(g, units) for g, (units, _) in zip(analysis.groups, order, strict=True)]
     _warn_narrow(analysis.groups, round_to)
 
@@ -119,8 +119,8 @@ def prune_model(
             if isinstance(pruning_ratio, dict)
             else pruning_ratio
         )
-        return _checked(model, example_inputs, analysis, cut(ratios))
-    return _checked(model, example_inputs, analysis, _search(analysis, cut, flops_target, scope == "global"))
+        return checked_prune(model, example_inputs, analysis, cut(ratios))
+    return checked_prune(model, example_inputs, analysis, _search(analysis, cut, flops_target, scope == "global"))
 
 
 def prune_to_latency(
@@ -142,8 +142,8 @@ def prune_to_latency(
     if not 0 < latency_target <= 1:
         raise ValueError(f"latency_target is the fraction of the latency to keep, in (0, 1], got {latency_target}")
     names = {m: n for n, m in model.named_modules()}
-    analysis = _analyse(model, example_inputs, calibration, criterion, ignored_layers, names, importance)
-    order = [_ranking(analysis.importance[g.root], g) for g in analysis.groups]
+    analysis = analyse(model, example_inputs, calibration, criterion, ignored_layers, names, importance)
+    order = [ranking(analysis.importance[g.root], g) for g in analysis.groups]
     sample = tuple(example_inputs.shape[1:])
     shapes = _input_shapes(model, example_inputs)
     layers = {c.out: latency.describe(c.out.node.module, shapes[c.out.node.module]) for c in analysis.costs}
@@ -164,7 +164,7 @@ def prune_to_latency(
         if tuple(choice.removed) in seen:
             break  # the correction led back to a choice already measured
         seen.add(tuple(choice.removed))
-        pruned = _checked(model, example_inputs, analysis, choice.cut())
+        pruned = checked_prune(model, example_inputs, analysis, choice.cut())
         base, measured = check.times([model, pruned], sample)
         trial = latency.Trial(measured.median_ms / base.median_ms, base, measured, choice.predict(), pruned)
         tried.append(trial)
@@ -224,10 +224,10 @@ def group_importance(
     """The importance of the channels of every prunable group, keyed by the name of the group's root layer: one
     value per channel class of the group, the root's channels first (for most groups, one per root channel)."""
     names = {m: n for n, m in model.named_modules()}
-    return _analyse(model, example_inputs, calibration, criterion, ignored_layers, names).importance
+    return analyse(model, example_inputs, calibration, criterion, ignored_layers, names).importance
 
 
-def _analyse(
+def analyse(
     model: nn.Module,
     example_inputs: Tensor,
     calibration: Iterable[Any],
@@ -235,7 +235,7 @@ def _analyse(
     ignored_layers: Iterable[nn.Module | str],
     names: dict[nn.Module, str],
     importance: dict[str, Tensor] | None = None,
-) -> _Analysis:
+) -> Analysis:
     """Groups and their importances (measured unless given); the given ignored layers and the output layers keep
     their outputs."""
     chosen = get_criterion(criterion) if isinstance(criterion, str) else criterion
@@ -259,7 +259,7 @@ def _analyse(
         model.train(training)
 
 
-def _structure(model: nn.Module, example_inputs: Tensor, ignored: set[str], names: dict[nn.Module, str]) -> _Analysis:
+def _structure(model: nn.Module, example_inputs: Tensor, ignored: set[str], names: dict[nn.Module, str]) -> Analysis:
     """The model's graph, trace, groups and costs (no importance yet); `ignored` and the output layers keep their
     outputs."""
     graph, record, shuffles = _graph(model, example_inputs)
@@ -268,7 +268,7 @@ def _structure(model: nn.Module, example_inputs: Tensor, ignored: set[str], name
     macs = record.macs
     layers = costs(graph, macs)
     fixed = sum(macs.values()) - sum(macs[c.out.node.module] for c in layers)
-    return _Analysis(graph, record, shuffles, names, couple(graph, names, kept), {}, layers, sum(macs.values()), fixed)
+    return Analysis(graph, record, shuffles, names, couple(graph, names, kept), {}, layers, sum(macs.values()), fixed)
 
 
 class Channel(NamedTuple):
@@ -302,7 +302,7 @@ def channel_classes(model: nn.Module, example_inputs: Tensor) -> dict[str, list[
     }
 
 
-def _probe(model: nn.Module, example_inputs: Tensor, analysis: _Analysis) -> None:
+def _probe(model: nn.Module, example_inputs: Tensor, analysis: Analysis) -> None:
     """ValueError, before any scoring, where removing channels breaks the model: one unit of every group is removed
     and the example run; the message names the module and the call that failed, and the groups whose removal
     breaks it (found by halving), to pass as ignored_layers."""
@@ -427,7 +427,7 @@ def _members(graph: tp.DependencyGraph, group: Group, inputs: bool) -> list[Memb
 
 
 def _importances(
-    model: nn.Module, analysis: _Analysis, chosen: Criterion, calibration: Iterable[Any]
+    model: nn.Module, analysis: Analysis, chosen: Criterion, calibration: Iterable[Any]
 ) -> dict[str, Tensor]:
     """The importance of every group's channel classes, keyed by the name of the group's root layer."""
     graph, names, groups = analysis.graph, analysis.names, analysis.groups
@@ -494,14 +494,14 @@ def _combine(members: list[tuple[Tensor, list[int], list[int]]], channels: int) 
     return total / count.clamp_min(1)
 
 
-def _ranking(importance: Tensor, group: Group) -> tuple[list[int], list[float]]:
+def ranking(importance: Tensor, group: Group) -> tuple[list[int], list[float]]:
     """The group's units by rising importance (the mean of their classes'), ties by position."""
     scores = [float(importance[unit].mean()) for unit in group.units]
     order = sorted(range(len(scores)), key=lambda u: (scores[u], u))
     return order, [scores[u] for u in order]
 
 
-def _ratio_of(group: Group, analysis: _Analysis, ratios: dict[str, float]) -> float:
+def _ratio_of(group: Group, analysis: Analysis, ratios: dict[str, float]) -> float:
     """The ratio a dict gives the group: that of a module (or one holding it) whose outputs the group holds."""
     graph = analysis.graph
     held = {
@@ -559,13 +559,13 @@ def _choose(
     return [units[: n - k] for (units, _), n, k in zip(order, sizes, keep, strict=True)]
 
 
-def _macs(analysis: _Analysis, cut: dict[Space, list[int]]) -> int:
+def _macs(analysis: Analysis, cut: dict[Space, list[int]]) -> int:
     """The model's multiply-accumulates without the channels `cut`."""
     return analysis.fixed + macs_after(analysis.costs, cut)
 
 
 def _search(
-    analysis: _Analysis, cut: Callable[[float | list[float]], dict[Space, list[int]]], target: float, global_scope: bool
+    analysis: Analysis, cut: Callable[[float | list[float]], dict[Space, list[int]]], target: float, global_scope: bool
 ) -> dict[Space, list[int]]:
     """The channels to remove so that target × the model's FLOPs stay, within 2 %: bisecting on the ratio, then
     (local scope) moving groups one by one from the ratio just above the target to the one just below. Where the
@@ -604,7 +604,7 @@ def _search(
     return best
 
 
-def _pruned(model: nn.Module, analysis: _Analysis, cut: dict[Space, list[int]], on_meta: bool = False) -> nn.Module:
+def _pruned(model: nn.Module, analysis: Analysis, cut: dict[Space, list[int]], on_meta: bool = False) -> nn.Module:
     """A copy of `model` without the channels `cut`, its calls that hold channel counts replaced; `on_meta`: its
     floating-point parameters and buffers on the meta device (shapes, no data; index maps stay as they are)."""
     memo: dict[int, Any] = {}
@@ -619,7 +619,9 @@ def _pruned(model: nn.Module, analysis: _Analysis, cut: dict[Space, list[int]], 
     return pruned.train(model.training)
 
 
-def _checked(model: nn.Module, example_inputs: Tensor, analysis: _Analysis, cut: dict[Space, list[int]]) -> nn.Module:
+def checked_prune(
+    model: nn.Module, example_inputs: Tensor, analysis: Analysis, cut: dict[Space, list[int]]
+) -> nn.Module:
     """The pruned model, once it has run the example (else ValueError saying where it broke)."""
     pruned = _pruned(model, analysis, cut)
     message = _failure(pruned, example_inputs)

@@ -198,7 +198,7 @@ def prune_by_sensitivity(
         [c.curve(curves.dense, signal) for c in curves.groups], terms, fraction, round_to=round_to, floor=floor
     )
     cut = removal(analysis.groups, [order[: len(order) - k] for order, k in zip(orders, chosen.kept, strict=True)])
-    return Pruned(graph._checked(model, example_inputs, analysis, cut), chosen, curves)
+    return Pruned(graph.checked_prune(model, example_inputs, analysis, cut), chosen, curves)
 
 
 def _analysis(
@@ -207,18 +207,18 @@ def _analysis(
     importance: dict[str, Tensor],
     criterion: str,
     ignored_layers: Iterable[nn.Module | str],
-) -> graph._Analysis:
+) -> graph.Analysis:
     """The model's groups and costs, with the importance given (no scoring)."""
     names = {m: n for n, m in model.named_modules()}
-    return graph._analyse(model, example_inputs, (), criterion, ignored_layers, names, importance)
+    return graph.analyse(model, example_inputs, (), criterion, ignored_layers, names, importance)
 
 
-def _orders(analysis: graph._Analysis) -> list[list[int]]:
+def _orders(analysis: graph.Analysis) -> list[list[int]]:
     """Each group's units, the least important first (the order pruning removes them in)."""
-    return [graph._ranking(analysis.importance[g.root], g)[0] for g in analysis.groups]
+    return [graph.ranking(analysis.importance[g.root], g)[0] for g in analysis.groups]
 
 
-def _terms(analysis: graph._Analysis, orders: list[list[int]], measure: Measure) -> list[Term]:
+def _terms(analysis: graph.Analysis, orders: list[list[int]], measure: Measure) -> list[Term]:
     """The cost of every layer of the graph as a function of the units each group removes."""
     spaces = {s for c in analysis.costs for s in (c.out, c.inp)}
     taken: dict[Space, dict[int, list[int]]] = {}
@@ -232,7 +232,7 @@ def _terms(analysis: graph._Analysis, orders: list[list[int]], measure: Measure)
     ]
 
 
-def _fixed(model: nn.Module, analysis: graph._Analysis, measure: Measure) -> float:
+def _fixed(model: nn.Module, analysis: graph.Analysis, measure: Measure) -> float:
     """The cost outside the graph's layers, which pruning does not change: the multiply-accumulates of layers that
     are not in the graph; the parameters of every other module (BatchNorm's counted whole, an upper bound)."""
     if measure is macs:
@@ -246,7 +246,7 @@ def _fixed(model: nn.Module, analysis: graph._Analysis, measure: Measure) -> flo
 def _curves(
     model: nn.Module,
     example_inputs: Tensor,
-    analysis: graph._Analysis,
+    analysis: graph.Analysis,
     sample: Sample,
     criterion: str,
     ratios: tuple[float, ...],
@@ -288,7 +288,7 @@ def _curves(
             points = []
             for kept in expected[groups[g].root]:
                 chosen = [order[: len(order) - kept] if i == g else [] for i, order in enumerate(orders)]
-                pruned = graph._checked(model, example_inputs, analysis, removal(groups, chosen))
+                pruned = graph.checked_prune(model, example_inputs, analysis, removal(groups, chosen))
                 points.append(_held_out(pruned, sample, precision, kept))
                 measured += 1
                 bar.update()
