@@ -194,7 +194,7 @@ def test_the_lock_is_the_only_file_written_in_place():
         ("runs.py", "_open_lock", "O_RDWR"),
         ("runs.py", "_open_lock", "O_CREAT"),
         ("_arguments.py", "quiet_stdout", "O_WRONLY"),
-        ("export.py", "_no_stdout", "O_WRONLY"),
+        ("export.py", "no_stdout", "O_WRONLY"),
     }
 
 

@@ -27,6 +27,7 @@ from .calibrate import score_layers
 from .criteria import ActivationCriterion, get_criterion
 from .data import ImageSplit, load_split
 from .deploy.export import export as export_checked
+from .deploy.quantize import INT8, Int8Options, Int8Report, quantize
 from .files.fileio import sha256
 from .files.modelfile import ModelFile, ModelFileError, import_weights, library_model, load_model, parse_normalization
 from .files.scores import Of, read_scores, write_scores
@@ -465,6 +466,30 @@ def export(
     return export_checked(mf, out, fmt, batch_size=batch_size, dynamic_batch=dynamic_batch, opset=opset)
 
 
+def export_int8(
+    mf: ModelFile, out: str | os.PathLike[str], data: str | os.PathLike[str], options: Int8Options = INT8,
+    *, batch_size: int = 64, opset: int = 17,
+) -> Int8Report:  # fmt: skip
+    """Write the model as int8 ONNX (onnxruntime's static quantization), calibrated on a seeded sample of the train
+    split of `data` and kept only if its top-1 on a seeded sample of the test split is within `options.tolerance`
+    points of the float model's."""
+    train_split, test = load_split(data, "train"), load_split(data, "test")
+    for split in (train_split, test):
+        mf.check_classes(split.classes, ignore_names=options.ignore_class_names)
+    calibration = (x for x, _ in _unit_images(mf, train_split, options.calibration_images, options.seed, batch_size))
+    check = _unit_images(mf, test, options.check_images, options.seed, batch_size)
+    return quantize(mf, out, calibration, check, method=options.method, tolerance=options.tolerance, opset=opset)
+
+
+def _unit_images(
+    mf: ModelFile, split: ImageSplit, count: int, seed: int, batch_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """A seeded random sample of `count` images of the split, in [0, 1] as an exported model takes them."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (mf.mean, mf.std))
+    for x, y in mf.batches(split, batch_size, limit=count, shuffle=True, seed=seed):
+        yield x * std + mean, y
+
+
 class Run(NamedTuple):
     """A training run's folder and its metrics per epoch (the main process's; under torchrun the others get none)."""
 
@@ -597,7 +622,27 @@ def _run(
 
 
 __all__ = [
-    "Calibration", "Metrics", "Profile", "PruneReport", "Pruned", "Scores", "Sizes", "architecture", "evaluate",
-    "export", "import_model", "load_model", "load_scores", "profile", "prune", "score", "Execution", "Run",
-    "finetune", "train",
-]  # fmt: skip
+    "architecture",
+    "Calibration",
+    "evaluate",
+    "Execution",
+    "export",
+    "export_int8",
+    "finetune",
+    "import_model",
+    "Int8Options",
+    "Int8Report",
+    "load_model",
+    "load_scores",
+    "Metrics",
+    "profile",
+    "Profile",
+    "prune",
+    "Pruned",
+    "PruneReport",
+    "Run",
+    "score",
+    "Scores",
+    "Sizes",
+    "train",
+]

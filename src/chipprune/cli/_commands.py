@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from .. import api
 from .._memory import memory_reason, out_of_memory
+from ..deploy.quantize import INT8
 from ..files.fileio import check_output
 from ..models import external
 from ..pruning.budgets import CLI, Allocate, Budget, Flops, Latency, Ratio, Sparsity
@@ -59,18 +60,32 @@ def cmd_profile(args: argparse.Namespace) -> None:
     render.emit(args, *render.profile(profile, args.sparsity, args.round_to))
 
 
+_INT8_OPTIONS = {"calibration_images": "calibration_images", "calibration_method": "method",
+                 "check_images": "check_images", "int8_tolerance": "tolerance", "seed": "seed",
+                 "ignore_class_names": "ignore_class_names"}  # fmt: skip
+
+
 def cmd_export(args: argparse.Namespace) -> None:
-    """Export a model file and check the result numerically."""
+    """Export a model file and check the result numerically (an int8 one: on test images)."""
     if args.dynamic_batch and args.format != "onnx":
         raise UsageError("--dynamic-batch applies to --format onnx")
+    if not args.int8:
+        _only_with(args, ["data", *_INT8_OPTIONS], "--int8")
+    elif args.format != "onnx" or "data" not in args:
+        raise UsageError("--int8 writes ONNX from images: give --format onnx and --data")
     check_output(args.out, [args.model])
     mf = api.load_model(args.model)
     try:
+        if args.int8:
+            options = INT8._replace(**{_INT8_OPTIONS[k]: v for k, v in vars(args).items() if k in _INT8_OPTIONS})
+            report = api.export_int8(mf, args.out, args.data, options, opset=args.opset)
+            render.emit_stderr(args, *render.int8(args.out, report))
+            return
         error = api.export(mf, args.out, args.format, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch,
                            opset=args.opset)  # fmt: skip
     except ImportError as e:
         raise UsageError(f"{e}: install the export extra, pip install 'chipprune[export]'") from None
-    print(f"wrote {args.out}: {args.format}, max relative error against PyTorch {error:.1e}", file=sys.stderr)
+    render.emit_stderr(args, *render.exported(args.out, args.format, error))
 
 
 def cmd_import(args: argparse.Namespace) -> None:

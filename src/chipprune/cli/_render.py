@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from .. import api
@@ -17,6 +18,29 @@ Shown = tuple[dict[str, Any], str]  # (the --json result, the text)
 def emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
     """JSON on stdout with --json, else the text summary."""
     print(json.dumps(result, indent=1) if getattr(args, "json", False) else text)
+
+
+def emit_stderr(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
+    """JSON on stdout with --json, else the text summary on stderr (a command whose output is a file)."""
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=1))
+    else:
+        print(text, file=sys.stderr)
+
+
+def exported(out: str, fmt: str, error: float) -> Shown:
+    """`chip export`: the file and its check against PyTorch."""
+    result = {"out": out, "format": fmt, "max_relative_error": error}
+    return result, f"wrote {out}: {fmt}, max relative error against PyTorch {error:.1e}"
+
+
+def int8(out: str, r: api.Int8Report) -> Shown:
+    """`chip export --int8`: the file, its check against the float model, and its size."""
+    result = {"out": out, "format": "onnx", "int8": True, **r._asdict()}
+    text = (f"wrote {out}: int8 onnx, {r.bytes:,} bytes ({r.float_bytes:,} as float); top-1 on {r.check_images} test "
+            f"images {r.int8_top1:.2f} % (float {r.float_top1:.2f} %, same class on {r.agreement:.1f} %); calibrated "
+            f"on {r.calibration_images} training images ({r.method})")  # fmt: skip
+    return result, text
 
 
 def sizes_text(r: dict[str, Any]) -> str:

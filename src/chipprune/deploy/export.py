@@ -94,7 +94,7 @@ def export(
 def _to_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, dynamic_batch: bool) -> None:
     axes = {"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     try:
-        with _no_stdout():  # where an export fails, torch prints its whole IR graph to stdout
+        with no_stdout():  # where an export fails, torch prints its whole IR graph to stdout
             torch.onnx.export(
                 model,
                 (example,),
@@ -115,7 +115,7 @@ def _to_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, dynamic_
 
 
 @contextmanager
-def _no_stdout() -> Iterator[None]:
+def no_stdout() -> Iterator[None]:
     """Within, whatever is written to file descriptor 1 (by C++ as well as Python) is discarded."""
     sys.stdout.flush()
     saved = os.dup(1)
