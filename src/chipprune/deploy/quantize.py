@@ -100,8 +100,9 @@ def quantize(
         if first is None:
             raise ExportError("no calibration images for the int8 model")
         export(mf, staged / "float.onnx", "onnx", dynamic_batch=True, opset=opset)
-        reader = _Reader(itertools.chain([first], batches))
-        _quantize_static(staged, reader, method)
+        calibration_images = quantize_onnx(
+            staged / "float.onnx", staged / "int8.onnx", itertools.chain([first], batches), method
+        )
         c = _compare(staged / "float.onnx", staged / "int8.onnx", check)
         if c.float_top1 - c.int8_top1 > tolerance:
             raise ExportError(
@@ -112,27 +113,32 @@ def quantize(
         data = (staged / "int8.onnx").read_bytes()
         atomic_write(out, data)
         float_bytes = (staged / "float.onnx").stat().st_size
-    return Int8Report(*c, calibration_images=reader.images, method=method, bytes=len(data), float_bytes=float_bytes)
+    return Int8Report(*c, calibration_images, method, bytes=len(data), float_bytes=float_bytes)
 
 
-def _quantize_static(staged: Path, reader: _Reader, method: str) -> None:
-    """float.onnx in `staged` pre-processed (shape inference, graph optimization) and quantized into int8.onnx."""
+def quantize_onnx(src: Path, dst: Path, calibration: Iterable[Tensor], method: str = "minmax") -> int:
+    """The float ONNX model `src` (as export writes it: input `images`) pre-processed (shape inference, graph
+    optimization) and quantized into `dst`, calibrated on `calibration` (batches of images in [0, 1]); the number of
+    calibration images read."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}  # fmt: skip
-    try:
-        quant_pre_process(str(staged / "float.onnx"), str(staged / "pre.onnx"))
-        with no_stdout():  # the histogram methods print their progress to stdout, which --json keeps for the result
-            quantize_static(
-                str(staged / "pre.onnx"), str(staged / "int8.onnx"), reader, quant_format=QuantFormat.QDQ,
-                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=methods[method],
-            )  # fmt: skip
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:  # onnxruntime's own failures: one line
-        if out_of_memory(e):
-            raise
-        raise ExportError(f"onnxruntime cannot quantize the model: {reason(e)}") from None
+    reader = _Reader(calibration)
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = str(Path(tmp) / "pre.onnx")
+        try:
+            quant_pre_process(str(src), pre)
+            with no_stdout():  # the histogram methods print their progress to stdout, which --json keeps for the result
+                quantize_static(
+                    pre, str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+                )  # fmt: skip
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:  # onnxruntime's own failures: one line
+            if out_of_memory(e):
+                raise
+            raise ExportError(f"onnxruntime cannot quantize the model: {reason(e)}") from None
+    return reader.images
 
 
 def _compare(float_path: Path, int8_path: Path, check: Iterable[tuple[Tensor, Tensor]]) -> _Check:

@@ -64,6 +64,11 @@ class CacheError(ValueError):
     """A cached latency table that cannot be used: the message is one line naming it and saying why."""
 
 
+# A function that opens a session (a compiled module, an onnxruntime session) and returns one run of it: a block of
+# timed runs opens its own and drops it after.
+Session = Callable[[], Callable[[], Any]]
+
+
 class Timing(NamedTuple):
     """Milliseconds of one forward pass: median of the repeats, and the lowest and highest."""
 
@@ -82,6 +87,7 @@ class Runner:
     device: str = "cpu"
     repeats: int = 20
     warmup: int = 3
+    block: int = BLOCK  # runs of one module in a row before the next module's
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -108,23 +114,27 @@ class Runner:
         return self.times([module], sample)[0]
 
     def times(self, modules: list[nn.Module], sample: tuple[int, ...]) -> list[Timing]:
-        """Each module's timing, measured side by side: blocks of BLOCK runs alternate, so that a machine's drift
+        """Each module's timing (eval mode) on one random input of shape (batch_size, *sample), side by side."""
+        x = torch.randn(self.batch_size, *sample, device=self.device)
+        with self._threads(), torch.no_grad():
+            return self.alternate([self.session(m.to(self.device).eval(), x) for m in modules])
+
+    def alternate(self, sessions: list[Session]) -> list[Timing]:
+        """Each session's timing, measured side by side: blocks of `block` runs alternate, so that a machine's drift
         (one run on the 2-core CPU timed three identical pruned ResNet-56s at 40, 45 and 48 ms, batch 64) touches
         them alike. Each block runs in a session of its own, closed after it: onnxruntime's threads spin a while
         after a run and slowed another session's runs by half (ResNet-56, batch 1, 2 threads: 2.9 ms against 1.9)."""
-        x = torch.randn(self.batch_size, *sample, device=self.device)
+        times: list[list[float]] = [[] for _ in sessions]
         with self._threads(), torch.no_grad():
-            sessions = [self._compiled(m.to(self.device).eval(), x) for m in modules]
-            times: list[list[float]] = [[] for _ in sessions]
-            for block in range(0, self.repeats, BLOCK):
+            for done in range(0, self.repeats, self.block):
                 for session, kept in zip(sessions, times, strict=True):
                     run = session()
                     for _ in range(self.warmup):
                         run()
-                    for _ in range(min(BLOCK, self.repeats - block)):
+                    for _ in range(min(self.block, self.repeats - done)):
                         begin = time.perf_counter()
                         run()
-                        if x.is_cuda:
+                        if self.device.startswith("cuda"):
                             torch.cuda.synchronize()
                         kept.append(1000 * (time.perf_counter() - begin))
                     del run
@@ -140,8 +150,8 @@ class Runner:
         finally:
             torch.set_num_threads(before)
 
-    def _compiled(self, module: nn.Module, x: Tensor) -> Callable[[], Callable[[], Any]]:
-        """The module as the runtime runs it: a function opening a session that runs it on x."""
+    def session(self, module: nn.Module, x: Tensor) -> Session:
+        """The module as the runtime runs it on x."""
         if self.runtime == "eager":
             return lambda: lambda: module(x)
         if self.runtime == "torchscript":
@@ -149,19 +159,23 @@ class Runner:
                 warnings.simplefilter("ignore")
                 traced = torch.jit.freeze(torch.jit.trace(_unshared(module), x))
             return lambda: lambda: traced(x)
-        import onnxruntime  # the optional `export` extra
-
         buffer = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=17, input_names=["x"])  # type: ignore[arg-type]
+        return self.onnx_session(buffer.getvalue(), {"x": x.cpu().numpy()})
+
+    def onnx_session(self, model: bytes | str, feed: dict[str, Any]) -> Session:
+        """An ONNX model (its bytes or its path) run by onnxruntime on the CPU, on `feed`, with the runner's
+        threads."""
+        import onnxruntime  # the optional `export` extra
+
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = self.threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
-        feed = {"x": x.cpu().numpy()}
 
         def session() -> Callable[[], Any]:
-            opened = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+            opened = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
             return lambda: opened.run(None, feed)
 
         return session
