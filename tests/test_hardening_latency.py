@@ -7,6 +7,7 @@ the option that sized the work."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import warnings
@@ -235,15 +236,33 @@ def test_latency_target_prunes_the_models_ratio_prunes(name, machine):
     model = external.build(external.parse(name, {"num_classes": 10})).eval()
     x = torch.randn(1, 3, 64, 64)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # 0.001 is out of reach, and said to be
+        warnings.simplefilter("ignore")
         by_ratio = prune_model(model, x, [], pruning_ratio=0.9, criterion="l1")  # most of every group removed
         pruned, report = prune_to_latency(model, x, [], 0.5, Runner(), criterion="l1")
-        least, _ = prune_to_latency(model, x, [], 0.001, Runner(), criterion="l1")  # all every group can give
+        with pytest.raises(ValueError, match="ask for") as refused:  # 0.001 is out of reach, and said to be
+            prune_to_latency(model, x, [], 0.001, Runner(), criterion="l1")
+        fastest = float(re.search(r"ask for ([\d.]+)", str(refused.value)).group(1))
+        least, _ = prune_to_latency(model, x, [], fastest, Runner(), criterion="l1")  # all every group can give
     for small in (by_ratio, pruned, least):
         assert count_macs(small, x) < count_macs(model, x)
         with torch.no_grad():
             assert small(x).shape == (1, 10)
     assert report.pruned.median_ms <= report.target_ms
+
+
+def test_a_latency_target_below_the_floor_is_one_line_naming_the_fastest_and_writes_nothing(
+    capsys, workdir, tmp_path, machine
+):
+    out = tmp_path / "l.pt"
+    args = ["--data", workdir / "data", "--batches", "1", "--batch-size", "8", "--out", out, "--json"]
+    code, stdout, err = run(capsys, "prune", workdir / "r20.pt", "--latency-target", "0.01", *args)
+    assert code == 2 and stdout == "" and not out.exists()
+    line = err.strip().splitlines()[-1]
+    assert re.search(r"chip prune: error: latency target 0\.01: .* measured 0\.\d+ x .* ask for 0\.\d\d or more$", line)
+    fastest = re.search(r"ask for (0\.\d\d)", line).group(1)
+    code, stdout, err = run(capsys, "prune", workdir / "r20.pt", "--latency-target", fastest, *args)
+    assert code == 0, err
+    assert json.loads(stdout)["latency"]["pruned_ms"] <= json.loads(stdout)["latency"]["target_ms"]
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a.startswith("resnet") and a != "resnet50"])

@@ -158,3 +158,49 @@ def test_the_next_aim_is_where_a_line_through_the_checks_meets_the_ratio():
     assert latency.next_aim(falling, 10, 0.45) == pytest.approx(10 * 0.5 * 0.45 / 0.4)
     slow = [check(0.5, 0.9), check(0.45, 0.85)]  # all above: at most halved per check, however steep the line
     assert latency.next_aim(slow, 10, 0.45) == pytest.approx(10 * 0.45 / 2)
+
+
+def test_every_group_keeps_its_floor_and_a_target_below_it_is_refused_naming_the_fastest(monkeypatch):
+    monkeypatch.setattr(latency.Table, "cached", classmethod(lambda cls, runner, folder=None: Synthetic(runner, None)))
+    monkeypatch.setattr(latency.Runner, "times", machine(0.0, 1.0))
+    model, x = net(), torch.randn(4, 3, 8, 8)
+    dense = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned, report = prune_to_latency(model, x[:1], [x], 0.3, Runner())
+        kept = [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+        assert all(k >= latency.FLOOR * d for k, d in zip(kept, dense, strict=True)), kept
+        assert report.pruned.median_ms <= report.target_ms
+        with pytest.raises(ValueError, match=r"measured 0\.\d+ x .* ask for 0\.\d\d or more") as refused:
+            prune_to_latency(model, x[:1], [x], 0.1, Runner())
+    fastest = float(re.search(r"ask for (0\.\d\d)", str(refused.value)).group(1))
+    assert 0.1 < fastest <= report.pruned.median_ms / report.dense.median_ms + 0.01  # the floor: the fastest there is
+
+
+def noisy(seed: int, spread: float):
+    """machine(0, 1) with each timing off by up to `spread` (a fraction), the noise seeded."""
+    exact, rng = machine(0.0, 1.0), __import__("random").Random(seed)
+
+    def times(self, modules, sample):
+        return [
+            latency.Timing(*(t.median_ms * (1 + rng.uniform(-spread, spread)),) * 3)
+            for t in exact(self, modules, sample)
+        ]
+
+    return times
+
+
+@pytest.mark.parametrize("target", [0.5, 0.2])
+def test_the_same_search_on_a_noisy_machine_lands_in_the_band_every_time(monkeypatch, target):
+    monkeypatch.setattr(latency.Table, "cached", classmethod(lambda cls, runner, folder=None: Synthetic(runner, None)))
+    model, x = net(), torch.randn(4, 3, 8, 8)
+    true_ms = machine(0.0, 1.0)
+    ratios = []
+    for seed in range(4):
+        monkeypatch.setattr(latency.Runner, "times", noisy(seed, 0.05))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruned, _ = prune_to_latency(model, x[:1], [x], target, Runner())
+        dense_ms, pruned_ms = (t.median_ms for t in true_ms(None, [model, pruned], None))
+        ratios.append(pruned_ms / dense_ms)
+    assert all(0.85 * target <= r <= 1.06 * target for r in ratios), ratios

@@ -29,6 +29,7 @@ import contextlib
 import copy
 import dataclasses
 import linecache
+import math
 import sys
 import traceback
 import warnings
@@ -180,18 +181,33 @@ def prune_to_latency(
             break  # no group can give more
         aim = latency.next_aim(tried, dense.median_ms, middle)
     met = [t for t in tried if t.ratio <= latency_target]
-    best = max(met, key=lambda t: t.ratio) if met else min(tried, key=lambda t: t.ratio)
+    if not met:
+        met = [_floor_trial(model, example_inputs, analysis, choice, check, latency_target)]
+    best = max(met, key=lambda t: t.ratio)
     table.save()
     report = latency.Report(
         best.dense, best.pruned, best.predicted_ms, latency_target * best.dense.median_ms, len(tried), table.measured
     )
-    if best.ratio > latency_target:
-        warnings.warn(
-            f"latency_target {latency_target}: measured {best.ratio:.3f} x the dense model's latency "
-            f"({best.pruned.median_ms:.3f} ms against {best.dense.median_ms:.3f} ms) after {len(tried)} rounds",
-            stacklevel=2,
-        )
     return best.model.train(model.training), report
+
+
+def _floor_trial(
+    model: nn.Module, example_inputs: Tensor, analysis: Analysis, choice: latency.Choice, check: Runner,
+    latency_target: float,
+) -> latency.Trial:  # fmt: skip
+    """The model with every group at its floor, measured, where it meets the target the search missed; else a
+    ValueError naming the ratio it reaches, the least that can be asked for."""
+    latency.choose(choice, 1.0, 0.0)  # every group at the floor, less what costs no time
+    pruned = checked_prune(model, example_inputs, analysis, choice.cut())
+    base, measured = check.times([model, pruned], tuple(example_inputs.shape[1:]))
+    floor = latency.Trial(measured.median_ms / base.median_ms, base, measured, choice.predict(), pruned)
+    if floor.ratio > latency_target:
+        raise ValueError(
+            f"latency target {latency_target:g}: the fastest model that keeps {latency.FLOOR:.0%} of every layer's "
+            f"channels measured {floor.ratio:.3f} x the dense model's latency ({floor.pruned.median_ms:.3f} ms "
+            f"against {floor.dense.median_ms:.3f} ms); ask for {math.ceil(100 * floor.ratio) / 100:.2f} or more"
+        )
+    return floor
 
 
 @torch.no_grad()
