@@ -4,6 +4,7 @@ layers reach the generic code through the model registry (models.MODULES), not b
 import ast
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import chipprune
 from chipprune import models
 from chipprune.models.common import Modules
 from chipprune.pruning import _torch_pruning
+from command import run
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "chipprune"
 PRIVATE = ("_HybridIndex", "_ConcatIndexMapping", "_SplitIndexMapping", "_param_to_name", "_helpers")
@@ -74,3 +76,18 @@ def test_the_graph_path_asks_the_registry_for_custom_layers(monkeypatch):
     mf = chipprune.architecture("resnet20")
     models.state_problems(mf.model, mf.model.state_dict())
     assert asked == [len(mf.model.state_dict())]
+
+
+def test_chip_refuses_an_untested_torch_pruning_in_one_line_before_the_graph_is_built(
+    capsys, workdir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_torch_pruning, "metadata", SimpleNamespace(version=lambda name: "2.0.1"))
+    _torch_pruning.require_tested.cache_clear()
+    try:
+        code, _, err = run(capsys, "prune", workdir / "r20.pt", "--flops-target", "0.5", "--criterion", "l1",
+                           "--out", tmp_path / "p.pt")  # fmt: skip
+    finally:
+        _torch_pruning.require_tested.cache_clear()
+    assert code == 2 and not (tmp_path / "p.pt").exists()
+    assert err.strip().splitlines()[-1].startswith("chip prune: error: torch-pruning 2.0.1 is not a version")
+    assert "Traceback" not in err

@@ -19,6 +19,7 @@ from ..deploy.export import ExportError
 from ..files.fileio import OutputError
 from ..files.modelfile import ModelFileError
 from ..files.scores import ScoresError
+from ..pruning._torch_pruning import UntestedVersionError
 from ..pruning.budgets import BudgetError
 from ..pruning.sparsity import SparsityError
 from ..training.loop import TrainError
@@ -27,7 +28,7 @@ from ._arguments import UsageError, quiet_stdout
 from ._parser import build_parser
 
 REFUSALS = (UsageError, ModelFileError, DataError, CalibrationError, SparsityError, TrainError, ExportError,
-            OutputError, ScoresError, RunError, BudgetError)  # fmt: skip
+            OutputError, ScoresError, RunError, BudgetError, UntestedVersionError)  # fmt: skip
 
 
 def _one_line(command: str) -> Any:

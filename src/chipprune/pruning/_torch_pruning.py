@@ -3,17 +3,21 @@
 Torch-Pruning's dependency graph is a library we use and extend: its index mappings (`_HybridIndex`,
 `_ConcatIndexMapping`, `_SplitIndexMapping`) and its parameter names (`graph._param_to_name`) are private, and so
 are the values autograd saves on its nodes (`grad_fn._saved_*`), which tell a split's sizes and a concatenation's
-dim. A Torch-Pruning release outside TESTED may change any of them: importing this module then fails in one line."""
+dim. A Torch-Pruning release outside TESTED may change any of them: building a graph or touching them then fails
+with one line (UntestedVersionError, which `chip` reports as it reports bad input; at import it would be a
+traceback)."""
 
 from __future__ import annotations
 
+import functools
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch_pruning as tp
 from torch import nn
-from torch_pruning._helpers import _HybridIndex as HybridIndex
-from torch_pruning.dependency import index_mapping
+
+if TYPE_CHECKING:
+    from torch_pruning._helpers import _HybridIndex as HybridIndex
 
 TESTED = ((1, 6),)  # the (major, minor) releases the tests ran on: 1.6.1
 
@@ -33,29 +37,40 @@ def check_version(version: str) -> None:
         )
 
 
-check_version(metadata.version("torch-pruning"))
+@functools.cache
+def require_tested() -> None:
+    """The installed Torch-Pruning checked, once: before its graph is built (graph.analyse) or its private parts are
+    touched."""
+    check_version(metadata.version("torch-pruning"))
 
 
 def hybrid_index(idx: int, root_idx: int) -> HybridIndex:
     """A channel index with the root channel it maps back to, as Torch-Pruning's index mappings pass them."""
-    return HybridIndex(idx=idx, root_idx=root_idx)
+    require_tested()
+    from torch_pruning._helpers import _HybridIndex
+
+    return _HybridIndex(idx=idx, root_idx=root_idx)
 
 
 def concat_mapping(offsets: list[int], reverse: bool) -> Any:
     """Torch-Pruning's index mapping of one input of a concatenation at `offsets` (its start and end)."""
-    return index_mapping._ConcatIndexMapping(offset=offsets, reverse=reverse)
+    require_tested()
+    return tp.dependency.index_mapping._ConcatIndexMapping(offset=offsets, reverse=reverse)
 
 
 def split_mapping(offsets: list[int], reverse: bool) -> Any:
     """Torch-Pruning's index mapping of one piece of a split at `offsets` (its start and end)."""
-    return index_mapping._SplitIndexMapping(offset=offsets, reverse=reverse)
+    require_tested()
+    return tp.dependency.index_mapping._SplitIndexMapping(offset=offsets, reverse=reverse)
 
 
 def parameter_name(graph: tp.DependencyGraph, parameter: nn.Parameter) -> str:
     """The dotted name of a bare parameter (not a module's weight) in the graph's model."""
+    require_tested()
     return str(graph._param_to_name[parameter])
 
 
 def saved(grad_fn: Any, name: str) -> Any:
     """A value autograd saved on a node (`dim`, `self_sym_sizes`, `split_sizes`, `dim0`, …); None where it has none."""
+    require_tested()
     return getattr(grad_fn, f"_saved_{name}", None)

@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 import torch_pruning as tp
@@ -29,7 +29,10 @@ from torch_pruning.dependency.node import Node
 
 from ..profile import LAYERS, call_macs
 from ._coupling import Space
-from ._torch_pruning import HybridIndex, concat_mapping, hybrid_index, saved, split_mapping
+from ._torch_pruning import concat_mapping, hybrid_index, saved, split_mapping
+
+if TYPE_CHECKING:
+    from ._torch_pruning import HybridIndex
 
 # The calls whose arguments may hold channel counts. One is found again at run time by the line of the model's code
 # that made it and its number among the calls of that line in the same forward of the same module.

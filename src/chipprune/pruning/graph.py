@@ -48,6 +48,7 @@ from ..models import PRUNERS, traceable
 from . import _tracing as tracing
 from . import latency
 from ._coupling import LAYERS, Cost, Group, Space, costs, couple, macs_after, removable, removal, remove
+from ._torch_pruning import require_tested
 from .latency import Report, Runner
 
 SCOPES = ("local", "global")
@@ -261,6 +262,7 @@ def analyse(
     unknown = sorted(ignored - set(names.values()))
     if unknown:
         raise ValueError(f"ignored_layers: no module named {', '.join(unknown)} in the model")
+    require_tested()
     training = model.training
     try:
         analysis = _structure(model, example_inputs, ignored, names)
@@ -299,6 +301,7 @@ def channel_classes(model: nn.Module, example_inputs: Tensor) -> dict[str, list[
     """Per prunable group (keyed by its root layer, as group_importance), its channel classes in the order of the
     importances: the entries of the model's modules that removing the class removes."""
     names = {m: n for n, m in model.named_modules()}
+    require_tested()
     training = model.training
     try:
         analysis = _structure(model, example_inputs, set(), names)
