@@ -526,7 +526,7 @@ class Execution:
 
 
 def finetune(
-    model: str | os.PathLike[str],
+    model: ModelFile | str | os.PathLike[str],
     data: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     config: Config | None = None,
@@ -538,15 +538,15 @@ def finetune(
     resume: bool = False,
     execution: Execution = Execution(),
 ) -> Run:
-    """Fine-tune the model file `model` on the train split of `data` into the run folder `out_dir` with `config`
-    (default: the model's fine-tuning preset), distilled from `teacher` (a model file, or "parent": the file it was
-    pruned from) where given, with config.kd_weight and config.kd_temperature."""
-    mf = load_model(model)
-    chosen = None if teacher is None else load_teacher(os.fspath(teacher), mf, model)
-    check_run_folder(out_dir, [model, None if chosen is None else chosen.path, data, val_data])
+    """Fine-tune `model` (a model file, or its path) on the train split of `data` into the run folder `out_dir` with
+    `config` (default: the model's fine-tuning preset), distilled from `teacher` (a model file, or "parent": the file
+    it was pruned from) where given, with config.kd_weight and config.kd_temperature."""
+    mf = model if isinstance(model, ModelFile) else load_model(model)
+    chosen = None if teacher is None else load_teacher(os.fspath(teacher), mf)
+    check_run_folder(out_dir, [mf.path, None if chosen is None else chosen.path, data, val_data])
     preset = preset or (None if config else mf.finetune_preset)
     config = config or PRESETS[mf.finetune_preset]
-    provenance: dict[str, Any] = {"command": "finetune", "model": os.fspath(model)}
+    provenance: dict[str, Any] = {"command": "finetune", "model": None if mf.path is None else str(mf.path)}
     if chosen is not None:
         if config.kd_weight <= 0:
             raise TrainError(f"a teacher needs a distillation weight above 0 (config.kd_weight; chip's: {KD_WEIGHT})")

@@ -16,12 +16,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune a model file into a run folder."""
     if args.teacher is None and ("kd_weight" in args or "kd_temperature" in args):
         raise UsageError("--kd-weight and --kd-temperature apply to --teacher")
-    preset = getattr(args, "preset", None) or api.load_model(args.model).finetune_preset
+    mf = api.load_model(args.model)
+    preset = getattr(args, "preset", None) or mf.finetune_preset
     config = _config(args, preset)
     if args.teacher is not None:
         weight, temperature = getattr(args, "kd_weight", KD_WEIGHT), getattr(args, "kd_temperature", KD_TEMPERATURE)
         config = dataclasses.replace(config, kd_weight=weight, kd_temperature=temperature)
-    run = api.finetune(args.model, args.data, args.out_dir, config, teacher=args.teacher, preset=preset,
+    run = api.finetune(mf, args.data, args.out_dir, config, teacher=args.teacher, preset=preset,
                        val_data=args.val_data, ignore_class_names=args.ignore_class_names, resume=args.resume,
                        execution=_execution(args))  # fmt: skip
     _wrote(run)

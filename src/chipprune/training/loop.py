@@ -11,7 +11,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import re
 import signal
 import sys
@@ -73,10 +72,10 @@ class Teacher(NamedTuple):
     sha256: str
 
 
-def load_teacher(spec: str, student: ModelFile, student_path: str | os.PathLike) -> Teacher:
+def load_teacher(spec: str, student: ModelFile) -> Teacher:
     """The teacher named by `--teacher`: a model file, or "parent": the file the student was pruned from, as long as
     it is still there unchanged. It must take the same inputs and give the same classes as the student."""
-    path = _parent(student, student_path) if spec == "parent" else Path(spec)
+    path = _parent(student) if spec == "parent" else Path(spec)
     teacher = load_model(path)
     compared = {
         "input size": (teacher.input_size, student.input_size),
@@ -98,8 +97,9 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else text[:59] + "…"
 
 
-def _parent(student: ModelFile, student_path: str | os.PathLike) -> Path:
+def _parent(student: ModelFile) -> Path:
     """The file the student was pruned from, as its meta records it, if it is still there unchanged."""
+    student_path = student.path or "the model"
     pruned = student.meta.get("pruned")
     if pruned is None or (isinstance(pruned, dict) and "parent_path" not in pruned):
         raise TrainError(f"{student_path} records no parent (it was not pruned by chip prune): give --teacher FILE")
