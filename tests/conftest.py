@@ -26,3 +26,10 @@ def one_thread(monkeypatch):
 def workdir(tmp_path_factory):
     """A 10-class image folder (4 train, 2 test 32x32 PNGs per class) and a ResNet-20 model file, r20.pt."""
     return make_workdir(tmp_path_factory.mktemp("work"), {"train": 4, "test": 2})
+
+
+@pytest.fixture
+def out(tmp_path):
+    """An empty folder for the outputs of a command that must write none."""
+    (tmp_path / "out").mkdir()
+    return tmp_path / "out"

@@ -25,7 +25,8 @@ from chipprune.files.modelfile import ModelFile, library_model, load_model
 from chipprune.models import external
 from chipprune.pruning.graph import prune_model
 from command import run
-from test_hardening import assert_refused, max_rss_mb
+from refusals import assert_refused
+from test_hardening_cli import max_rss_mb
 
 pytest.importorskip("timm")
 pytest.importorskip("torchvision")

@@ -25,7 +25,7 @@ from chipprune.profile import count_macs
 from chipprune.pruning.graph import prune_model, prune_to_latency
 from chipprune.pruning.latency import Runner, Table, Timing, describe
 from command import run
-from test_hardening import assert_refused, error_line
+from refusals import assert_refused, error_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

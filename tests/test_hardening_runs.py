@@ -27,7 +27,7 @@ from chipprune.cli import build_parser, main
 from chipprune.files.modelfile import CIFAR10_CLASSES, ModelFile, library_model, load_model
 from chipprune.models import create_model
 from command import run
-from test_hardening import assert_refused
+from refusals import assert_refused
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "chipprune"
 pytestmark = pytest.mark.usefixtures("one_thread")
