@@ -182,7 +182,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     dense = {(r["family"], r["batch"]): r["macs"] for r in rows if r["model"] == "dense"}
     fig, axes = plt.subplots(1, len(BATCHES), figsize=(6 * len(BATCHES), 4.5), sharey=True)
     for ax, batch in zip(axes, BATCHES, strict=True):
-        kept = [k / 100 for k in range(30, 101)]
+        kept = [k / 100 for k in range(20, 101)]
         ax.plot(kept, [1 / k for k in kept], "k--", lw=1, label="speed-up = 1 / MACs kept")
         for (family, runtime), marker in zip(
             sorted({(r["family"], r["runtime"]) for r in rows}), "os^vD<>ph*P+x1234", strict=False
