@@ -5,6 +5,7 @@ transformer."""
 
 import copy
 import io
+import re
 import warnings
 
 import pytest
@@ -137,11 +138,19 @@ LATENCY_SAMPLE = [
 def test_half_the_latency_measured_in_eager_pytorch(name, one_thread, tmp_path):
     model, x = build(name)
     runner = Runner("eager", threads=1, repeats=3, warmup=1)  # a handful of runs: the search, not its precision
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pruned, report = prune_to_latency(model, x[:1], [x[:1]], 0.5, runner, cache=str(tmp_path))
-    missed = [w for w in caught if "latency_target 0.5: measured" in str(w.message)]
-    assert (report.pruned.median_ms <= report.target_ms) != bool(missed), "met, or said not to be"
+    target = 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            pruned, report = prune_to_latency(model, x[:1], [x[:1]], target, runner, cache=str(tmp_path))
+        except ValueError as e:  # eager's per-module overhead can keep even the floor above half: said, with its ratio
+            fastest = float(re.search(r"measured (\d+\.\d+) x the dense", str(e)).group(1))
+            assert fastest > target and ("ask for" in str(e)) == (fastest < 1), e
+            if fastest >= 1:  # pruning made it slower (ShuffleNetV2 in eager): nothing to prune to, and said so
+                return
+            target = min(1.0, fastest + 0.1)  # within reach, whatever the noise of a second measurement
+            pruned, report = prune_to_latency(model, x[:1], [x[:1]], target, runner, cache=str(tmp_path))
+    assert report.pruned.median_ms <= report.target_ms == pytest.approx(target * report.dense.median_ms)
     assert 1 <= report.rounds <= latency.ROUNDS and report.measured_layers > 0
     assert count_macs(pruned, x[:1]) < count_macs(model, x[:1])
     with torch.no_grad():

@@ -106,18 +106,18 @@ def _export(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     q = p.add_argument_group("int8: onnxruntime's static quantization, checked on test images before it is kept")
     q.add_argument("--int8", action="store_true", help="write an int8 model (with --format onnx and --data)")
     hidden = argparse.SUPPRESS  # given without --int8: refused
-    q.add_argument("--data", default=hidden, help="calibrate on its train split, check on its test split (as --data)")
+    q.add_argument("--data", default=hidden, help="calibrate on its train split, check on its test (default: none)")
     q.add_argument("--calibration-images", type=positive, default=hidden,
-                   help=f"seeded training images to calibrate on (default {INT8.calibration_images})")  # fmt: skip
+                   help=f"seeded training images to calibrate on (default: {INT8.calibration_images})")  # fmt: skip
     q.add_argument("--calibration-method", choices=METHODS, default=hidden,
-                   help=f"how activation ranges are chosen (default {INT8.method})")  # fmt: skip
+                   help=f"how activation ranges are chosen (default: {INT8.method})")  # fmt: skip
     q.add_argument("--check-images", type=positive, default=hidden,
-                   help=f"seeded test images the int8 model is checked on (default {INT8.check_images})")  # fmt: skip
+                   help=f"seeded test images the int8 model is checked on (default: {INT8.check_images})")  # fmt: skip
     q.add_argument("--int8-tolerance", type=number(0, 100), default=hidden,
-                   help=f"top-1 points the int8 model may lose (default {INT8.tolerance:g})")  # fmt: skip
-    q.add_argument("--seed", type=seed, default=hidden, help="picks the calibration and check images (default 0)")
+                   help=f"top-1 points the int8 model may lose (default: {INT8.tolerance:g})")  # fmt: skip
+    q.add_argument("--seed", type=seed, default=hidden, help=f"picks the images used (default: {INT8.seed})")
     q.add_argument("--ignore-class-names", action="store_true", default=hidden,
-                   help="take data of as many classes under other names (matched by position)")  # fmt: skip
+                   help="take classes of other names, matched by position (default: off)")  # fmt: skip
     p.set_defaults(sized_by="--batch-size")
     p.set_defaults(run=cmd_export)
 
