@@ -1,12 +1,13 @@
 """Latency-targeted pruning of ResNet-56 beside FLOPs-targeted and hand-set pruning, measured side by side.
 
-    python benchmarks/latency_target.py --model runs/reproduce/resnet56.pt --data ../shared/data \
-        [--runtime onnxruntime] [--threads 2] [--batch-sizes 1,64] [--target 0.5] [--json out.json]
+    python benchmarks/latency_target.py --model r56.pt --data ../shared/data [--runtime onnxruntime] [--threads 2] \
+        [--batch-sizes 1,64] [--targets 0.5,0.7] [--allocations uniform,sensitivity] [--no-finetune] [--json out.json]
 
 Configurations, each made with the documented `chip prune`: paper-1 (`--sparsity paper-1`), `--flops-target 0.52
---round-to 8`, and `--latency-target TARGET --runtime RUNTIME --latency-batch-size B` for each batch size B. Each
-is timed on the runtime at every batch size in this one run, side by side (their runs alternate in blocks; median
-of --repeats, with the spread), with its FLOPs and params, and its top-1 on the test split right after pruning, after
+--round-to 8`, and `--latency-target T --allocate A --runtime RUNTIME --latency-batch-size B` for each target T,
+allocation A and batch size B (a target the command refuses is listed with its one-line refusal). Each model is timed
+on the runtime at every batch size in this one run, side by side (their runs alternate in blocks; median of
+--repeats, with the spread), with its FLOPs and params, and its top-1 on the test split right after pruning, after
 BatchNorm re-estimation (as `--recalibrate-bn 4`, on the same model) and after the same short distilled fine-tune
 (`chip finetune --teacher parent --epochs 1 --train-subset 10000`). Ratios are against the dense model at the same
 batch size."""
@@ -18,6 +19,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from chipprune.calibrate import recalibrate_bn
@@ -27,9 +29,15 @@ from chipprune.profile import count_flops, count_params
 from chipprune.pruning.latency import Runner
 
 
+class Refused(Exception):
+    """`chip` exited 2: the one line it printed."""
+
+
 def chip(*args: str) -> dict:
-    """`chip ARGS --json`'s result (exit on failure)."""
+    """`chip ARGS --json`'s result (Refused where it exits 2, exit on any other failure)."""
     proc = subprocess.run(["chip", *args, "--json"], capture_output=True, text=True)
+    if proc.returncode == 2:
+        raise Refused(proc.stderr.strip().splitlines()[-1])
     if proc.returncode:
         sys.exit(f"chip {' '.join(args)} failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout)
@@ -64,38 +72,46 @@ def main() -> None:
     parser.add_argument("--runtime", default="onnxruntime")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-sizes", default="1,64")
-    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--targets", default="0.5,0.7")
+    parser.add_argument("--allocations", default="uniform,sensitivity")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--no-finetune", action="store_true", help="skip the distilled fine-tune column")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    timing = ["--runtime", args.runtime, "--threads", str(args.threads), "--repeats", str(args.repeats)]
     folder = Path(tempfile.mkdtemp(prefix="latency-target-"))
     configs = {
         "paper-1": ["--sparsity", "paper-1"],
         "flops 0.52, round-to 8": ["--flops-target", "0.52", "--round-to", "8"],
         **{
-            f"latency {args.target} @ batch {b}": [
+            f"latency {t}, {a}, batch {b}": [
                 "--latency-target",
-                str(args.target),
-                "--runtime",
-                args.runtime,
+                t,
+                "--allocate",
+                a,
                 "--latency-batch-size",
                 str(b),
-                "--threads",
-                str(args.threads),
-                "--repeats",
-                str(args.repeats),
+                *timing,
             ]  # fmt: skip
+            for t in args.targets.split(",")
             for b in batches
+            for a in args.allocations.split(",")
         },
     }
     rows = [{"config": "dense", "file": Path(args.model), "pruned": {}}]
+    refused = []
     for name, how in configs.items():
         out = folder / f"{len(rows)}.pt"
-        pruned = chip("prune", args.model, *how, "--data", args.data, "--out", str(out))
+        begin = time.perf_counter()
+        try:
+            pruned = chip("prune", args.model, *how, "--data", args.data, "--out", str(out))
+        except Refused as e:
+            refused.append({"config": name, "refused": str(e), "seconds": time.perf_counter() - begin})
+            print(json.dumps(refused[-1]), file=sys.stderr, flush=True)
+            continue
         recalibrated(out, Path(str(out) + ".bn.pt"), args.data)
-        rows.append({"config": name, "file": out, "pruned": pruned})
+        rows.append({"config": name, "file": out, "pruned": pruned, "seconds": time.perf_counter() - begin})
     models = [load_model(row["file"]).model for row in rows]
     for b in batches:  # all configurations side by side, their runs alternating in blocks
         timings = Runner(args.runtime, b, args.threads, repeats=args.repeats).times(models, (3, 32, 32))
@@ -120,8 +136,11 @@ def main() -> None:
         )
         print(f"| {r['config']} | {r['params']:,} | {r['flops'] / 1e6:.1f} M | {times} | {r['top1']:.2f} | "
               f"{r.get('top1_bn', float('nan')):.2f} | {r.get('top1_ft', float('nan')):.2f} |")  # fmt: skip
+    for r in refused:
+        print(f"| {r['config']} | refused: {r['refused']} |")
     if args.json:
-        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "file"} for r in rows], indent=1))
+        kept = [{k: v for k, v in r.items() if k != "file"} for r in rows]
+        Path(args.json).write_text(json.dumps(kept + refused, indent=1))
 
 
 if __name__ == "__main__":

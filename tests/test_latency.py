@@ -10,6 +10,7 @@ from torch import nn
 
 import chipprune.pruning.latency as latency
 from chipprune.profile import count_macs
+from chipprune.pruning.allocation import Curve
 from chipprune.pruning.graph import prune_model, prune_to_latency
 from chipprune.pruning.latency import Layer, Runner, Table, describe
 from command import run
@@ -147,6 +148,32 @@ def test_chip_prune_latency_target_on_a_registry_model(capsys, workdir, tmp_path
     assert code == 2 and "do not apply to --latency-target" in err
 
 
+def test_chip_prune_allocates_a_latency_target_by_sensitivity_and_reuses_the_curves(
+    capsys, workdir, tmp_path, one_thread
+):
+    base = ["prune", workdir / "r20.pt", "--data", workdir / "data", "--batches", "1", "--batch-size", "8"]
+    code, out, err = run(capsys, *base, "--latency-target", "0.7", "--allocate", "sensitivity", "--repeats", "5",
+                         "--threads", "1", "--out", tmp_path / "l.pt", "--json")  # fmt: skip
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["allocate"] == "sensitivity" and r["latency"]["pruned_ms"] <= r["latency"]["target_ms"]
+    assert "on the 32 calibration images after the scored ones, not 1280" in err  # the fixture's 40, less 8 scored
+    assert "sensitivity" in err and "point" in err  # the curves' progress bar
+    code, out, err = run(capsys, *base, "--flops-target", "0.5", "--allocate", "sensitivity", "--out",
+                         tmp_path / "f.pt", "--json")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["allocate"] == "sensitivity"
+    assert "point" not in err  # the same curves, read from the cache: nothing measured, no bar
+    for given, message in (
+        (["--allocate", "global"], "do not apply to --latency-target"),
+        (["--allocate", "sensitivity", "--criterion", "l1"], "allocating by sensitivity needs --data"),
+    ):
+        code, _, err = run(capsys, "prune", workdir / "r20.pt", "--latency-target", "0.7", *given, "--out",
+                           tmp_path / "x.pt")  # fmt: skip
+        assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_the_next_aim_is_where_a_line_through_the_checks_meets_the_ratio():
     def check(predicted: float, ratio: float) -> latency.Trial:  # against a dense model of 10 ms
         return latency.Trial(ratio, None, None, 10 * predicted, None)
@@ -190,17 +217,63 @@ def noisy(seed: int, spread: float):
     return times
 
 
+def linear_curves(steep: str) -> dict[str, Curve]:
+    """Curves for net()'s groups (by root: its convs "0", "3" and "6"), each losing damage in proportion to the
+    units removed, the group `steep` 100x faster than the others."""
+    units = {"0": 32, "3": 64, "6": 64}
+    return {
+        root: Curve((n, 3 * n // 4, n // 2, n // 4), tuple((100.0 if root == steep else 1.0) * d for d in (0, 1, 2, 3)))
+        for root, n in units.items()
+    }
+
+
+def conv_widths(model: nn.Module) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+@pytest.mark.parametrize("target", [0.5, 0.3])
+def test_a_sensitivity_allocation_spends_the_latency_where_it_hurts_least(monkeypatch, target):
+    monkeypatch.setattr(latency.Table, "cached", classmethod(lambda cls, runner, folder=None: Synthetic(runner, None)))
+    monkeypatch.setattr(latency.Runner, "times", machine(0.0, 1.0))
+    model, x = net(), torch.randn(4, 3, 8, 8)
+    curves = linear_curves(steep="3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        uniform, by_uniform = prune_to_latency(model, x[:1], [x], target, Runner())
+        allocated, by_curves = prune_to_latency(model, x[:1], [x], target, Runner(), curves=curves)
+    widths = dict(zip("036", conv_widths(allocated), strict=True))
+    damage = [sum(curves[r].at(w) for r, w in zip("036", conv_widths(m), strict=True)) for m in (uniform, allocated)]
+    assert widths["3"] > conv_widths(uniform)[1]  # the sensitive group keeps more than one fraction for all leaves it
+    assert widths["3"] == 64 or target < 0.5  # and at half the time, all of it
+    assert damage[1] < damage[0]
+    assert all(widths[r] >= latency.FLOOR * n for r, n in (("0", 32), ("6", 64)))
+    for report in (by_uniform, by_curves):
+        assert latency.BAND * report.target_ms <= report.pruned.median_ms <= report.target_ms
+
+
+def test_curves_of_another_model_are_refused(monkeypatch):
+    monkeypatch.setattr(latency.Table, "cached", classmethod(lambda cls, runner, folder=None: Synthetic(runner, None)))
+    monkeypatch.setattr(latency.Runner, "times", machine(0.0, 1.0))
+    model, x = net(), torch.randn(4, 3, 8, 8)
+    wrong = {**linear_curves(steep="3"), "3": Curve((48, 24), (0.0, 1.0))}
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="a curve of 48 units, not 64 .* another model"):
+        warnings.simplefilter("ignore")
+        prune_to_latency(model, x[:1], [x], 0.5, Runner(), curves=wrong)
+
+
 @pytest.mark.parametrize("target", [0.5, 0.2])
-def test_the_same_search_on_a_noisy_machine_lands_in_the_band_every_time(monkeypatch, target):
+@pytest.mark.parametrize("allocate", ["uniform", "sensitivity"])
+def test_the_same_search_on_a_noisy_machine_lands_in_the_band_every_time(monkeypatch, target, allocate):
     monkeypatch.setattr(latency.Table, "cached", classmethod(lambda cls, runner, folder=None: Synthetic(runner, None)))
     model, x = net(), torch.randn(4, 3, 8, 8)
     true_ms = machine(0.0, 1.0)
+    curves = linear_curves(steep="3") if allocate == "sensitivity" else None
     ratios = []
     for seed in range(4):
         monkeypatch.setattr(latency.Runner, "times", noisy(seed, 0.05))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pruned, _ = prune_to_latency(model, x[:1], [x], target, Runner())
+            pruned, _ = prune_to_latency(model, x[:1], [x], target, Runner(), curves=curves)
         dense_ms, pruned_ms = (t.median_ms for t in true_ms(None, [model, pruned], None))
         ratios.append(pruned_ms / dense_ms)
     assert all(0.85 * target <= r <= 1.06 * target for r in ratios), ratios

@@ -132,6 +132,33 @@ def test_a_budget_below_the_floor_is_refused_naming_the_least_reachable(floor, f
     assert isinstance(caught.value, ValueError)
 
 
+def bumpy(seed: int) -> tuple[list[Curve], list[Term]]:
+    """synthetic(seed)'s curves, each group costing its width plus 3 where the width is not a multiple of 4, as a
+    latency table's can: the narrowest width is not the cheapest."""
+    curves, _ = synthetic(seed)
+    terms = [
+        Term(Channels(c.units, {g: list(range(c.units + 1))}), Channels(0, {}), lambda o, i: o + 3 * (o % 4 != 0))
+        for g, c in enumerate(curves)
+    ]
+    return curves, terms
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_cost_that_falls_as_a_width_grows_is_allocated_and_its_floor_found(seed):
+    curves, terms = bumpy(seed)
+    cost = [[t.at([c.units - w if h == g else 0 for h, c in enumerate(curves)]) for w in widths(c)]
+            for g, (c, t) in enumerate(zip(curves, terms, strict=True))]  # fmt: skip
+    dense = sum(c[-1] for c in cost)
+    least = sum(min(c) for c in cost)  # each group at its cheapest width, not its narrowest
+    with pytest.raises(BudgetError) as caught:
+        allocate(curves, terms, 0.99 * least / dense)
+    assert caught.value.reachable == pytest.approx(least / dense)
+    for fraction in (least / dense + 1e-9, (least / dense + 1) / 2):
+        chosen = allocate(curves, terms, fraction)
+        assert chosen.cost <= fraction * dense * (1 + 1e-12)
+        assert chosen.damage == pytest.approx(brute_force(curves, terms, fraction)[0], abs=1e-9)
+
+
 @pytest.mark.parametrize("fraction", [0, -0.5, 1.5, math.nan])
 def test_a_fraction_outside_0_1_is_refused(fraction):
     with pytest.raises(ValueError, match="fraction"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from .pruning.budgets import API, Budget, BudgetError, Flops, Latency, Ratio, Sp
 from .pruning.graph import group_importance, prune_model, prune_to_latency
 from .pruning.latency import Runner
 from .pruning.registry import prune as prune_registry
-from .pruning.sensitivity import prune_by_sensitivity, split_sample
+from .pruning.sensitivity import SENSITIVITY_IMAGES, Sample, prune_by_sensitivity, sensitivity_curves, split_sample
 from .training.distributed import distributed, launched
 from .training.evaluate import evaluate as evaluate_batches
 from .training.loop import KD_WEIGHT, PRESETS, Config, TrainError, fit, load_data, load_teacher
@@ -68,8 +69,6 @@ class Calibration:
         mf.check_classes(train.classes, ignore_names=self.ignore_class_names)
         wanted = (skip + count) * self.batch_size
         if skip == 0 and count == self.batches and len(train) < wanted:
-            import warnings
-
             warnings.warn(
                 f"asked for {wanted} calibration images, the train split has {len(train)}: using them all",
                 stacklevel=3,
@@ -254,12 +253,17 @@ def _pruned(
                  "round_to": budget.round_to}  # fmt: skip
         return model, asked, provenance
     base = mf.model.to(device)
-    if isinstance(budget, Latency):
-        model, provenance["latency"] = _latency_pruned(mf, base, budget, scores, device, progress, spelling)
-        return _with_widths(model.cpu(), mf), {"latency_target": budget.fraction, "runtime": budget.runtime}, provenance
-    if isinstance(budget, Flops) and budget.allocate == "sensitivity":
+    sample = None
+    if isinstance(budget, Flops | Latency) and budget.allocate == "sensitivity":
         assert source is not None  # budgets.check
-        model = _sensitivity_pruned(mf, base, budget, scores, source, seed, device, progress)
+        sample = _sensitivity_sample(mf, source, seed, spelling)
+    if isinstance(budget, Latency):
+        model, provenance["latency"] = _latency_pruned(mf, base, budget, scores, sample, device, progress, spelling)
+        target = {"latency_target": budget.fraction, "runtime": budget.runtime, "allocate": budget.allocate}
+        return _with_widths(model.cpu(), mf), target, provenance
+    if sample is not None:
+        assert isinstance(budget, Flops)
+        model = _sensitivity_pruned(mf, base, budget, scores, sample, device, progress)
     else:
         model = _refused(lambda: prune_model(
             base, _example(mf, device), (), flops_target=budget.fraction if isinstance(budget, Flops) else None,
@@ -273,13 +277,22 @@ def _pruned(
 
 
 def _latency_pruned(
-    mf: ModelFile, base: nn.Module, budget: Latency, scores: Scores, device: str, progress: bool, spelling: Spelling
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The model pruned to a measured latency, and the record of the search."""
+    mf: ModelFile, base: nn.Module, budget: Latency, scores: Scores, sample: Sample | None, device: str,
+    progress: bool, spelling: Spelling,
+) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """The model pruned to a measured latency (its widths by the sensitivity curves measured on `sample`, where one
+    is given), and the record of the search."""
     runner = Runner(budget.runtime, budget.batch_size, budget.threads, device, budget.repeats)
+    curves = None
+    if sample is not None:
+        measured = sensitivity_curves(
+            base, _example(mf, device), scores.values, sample, criterion=str(scores.provenance["criterion"]),
+            ignored_layers=_heads(base), model_id=_model_id(mf), progress=progress,
+        )  # fmt: skip
+        curves = {c.root: c.curve(measured.dense) for c in measured.groups}
     model, report = _refused(lambda: prune_to_latency(
         base, _example(mf, device), (), budget.fraction, runner, ignored_layers=_heads(base),
-        importance=scores.values, progress=progress), spelling)  # fmt: skip
+        importance=scores.values, curves=curves, progress=progress), spelling)  # fmt: skip
     return model, {
         "dense_ms": report.dense.median_ms,
         "dense_spread_ms": [report.dense.min_ms, report.dense.max_ms],
@@ -295,23 +308,45 @@ def _latency_pruned(
     }
 
 
-def _sensitivity_pruned(
-    mf: ModelFile, base: nn.Module, budget: Flops, scores: Scores, source: Calibration, seed: int, device: str,
-    progress: bool,
-) -> nn.Module:  # fmt: skip
-    """The model pruned to a FLOPs budget with each group's width chosen by its measured sensitivity, on the
-    calibration images right after the scored ones (results/sensitivity: 256 to re-estimate BatchNorm, 1,024 to
-    measure the loss)."""
+def _sensitivity_sample(mf: ModelFile, source: Calibration, seed: int, spelling: Spelling) -> Sample:
+    """The images the sensitivity curves are measured on: the calibration images right after the scored ones
+    (results/sensitivity: 256 to re-estimate BatchNorm, 1,024 to measure the loss), or a fifth and four fifths of
+    fewer where the data holds fewer (with a warning)."""
     per_batch = source.batch_size if isinstance(source.source, str | os.PathLike) else 1
-    batches = -(-(256 + 1024) // per_batch) if per_batch > 1 else 1280
-    sample = split_sample(source.pairs(mf, seed, count=batches, skip=source.batches))
-    model_id = sha256(mf.path) if mf.path is not None else None
+    batches = list(source.pairs(mf, seed, count=-(-SENSITIVITY_IMAGES // per_batch), skip=source.batches))
+    if any(y is None for _, y in batches):
+        raise BudgetError(f"allocating by sensitivity needs labels: {spelling.data} batches as (inputs, targets)")
+    images = sum(len(x) for x, _ in batches)
+    if images < 2:
+        raise BudgetError(
+            f"allocating by sensitivity needs calibration images after the scored ones ({SENSITIVITY_IMAGES} by "
+            f"default), and {spelling.data} holds {images} more"
+        )
+    if images >= SENSITIVITY_IMAGES:
+        return split_sample(batches)
+    warnings.warn(
+        f"measuring the sensitivity curves on the {images} calibration images after the scored ones, not "
+        f"{SENSITIVITY_IMAGES}: the curves are noisier",
+        stacklevel=2,
+    )
+    return split_sample(batches, max(1, images // 5), images - max(1, images // 5))
+
+
+def _sensitivity_pruned(
+    mf: ModelFile, base: nn.Module, budget: Flops, scores: Scores, sample: Sample, device: str, progress: bool
+) -> nn.Module:
+    """The model pruned to a FLOPs budget with each group's width chosen by its sensitivity measured on `sample`."""
     result = prune_by_sensitivity(
         base, _example(mf, device), scores.values, sample, budget.fraction, round_to=budget.round_to,
-        criterion=str(scores.provenance["criterion"]), ignored_layers=_heads(base), model_id=model_id,
+        criterion=str(scores.provenance["criterion"]), ignored_layers=_heads(base), model_id=_model_id(mf),
         progress=progress,
     )  # fmt: skip
     return result.model
+
+
+def _model_id(mf: ModelFile) -> str | None:
+    """What names the model in the sensitivity cache: its file's SHA-256, where it has a file."""
+    return sha256(mf.path) if mf.path is not None else None
 
 
 def _refused(make: Any, spelling: Spelling) -> Any:

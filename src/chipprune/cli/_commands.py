@@ -146,16 +146,18 @@ def _budget(args: argparse.Namespace) -> Budget:
     """The budget that `chip prune`'s options ask for (argparse lets exactly one of the four through)."""
     allocate: Allocate | None = getattr(args, "allocate", None)
     if args.sparsity is not None and (args.global_scope or allocate):
-        raise UsageError("--global applies to --flops-target and --ratio")
+        raise UsageError("--global applies to --flops-target and --ratio, --allocate to those and --latency-target")
     if args.latency_target is None:
         _only_with(args, _LATENCY_OPTIONS, "--latency-target")
     if args.sparsity is not None:
         return Sparsity(args.sparsity, args.round_to)
     if args.latency_target is not None:
-        if args.residual == "paper" or args.global_scope or args.round_to or allocate:
-            raise UsageError("--residual paper, --global and --round-to do not apply to --latency-target")
+        if args.residual == "paper" or args.global_scope or args.round_to or allocate == "global":
+            raise UsageError(
+                "--residual paper, --global (--allocate global) and --round-to do not apply to --latency-target"
+            )
         given = {field: getattr(args, dest) for dest, field in _LATENCY_OPTIONS.items() if dest in args}
-        return Latency(args.latency_target, **given)
+        return Latency(args.latency_target, **given, allocate=allocate or "uniform")
     if args.global_scope and allocate not in (None, "global"):
         raise UsageError(f"--global is --allocate global: give one of them, not --allocate {allocate} too")
     allocate = allocate or ("global" if args.global_scope else "uniform")

@@ -2,9 +2,9 @@
 says which budgets go with which other choices (residual mode, scores, calibration).
 
 `Sparsity` holds the paper's per-layer rates of a registry architecture; `Ratio`, `Flops` and `Latency` prune any
-model through its dependency graph. How `Ratio` and `Flops` spread the cut over the groups is their `allocate`:
-every group the same fraction (uniform), one ranking of all groups' scores (global), or, for `Flops`, by each group's
-measured sensitivity (sensitivity: pruning/sensitivity.py)."""
+model through its dependency graph. How they spread the cut over the groups is their `allocate`: every group the same
+fraction (uniform), one ranking of all groups' scores (global; `Ratio` and `Flops`), or, for `Flops` and `Latency`,
+by each group's measured sensitivity (sensitivity: pruning/sensitivity.py)."""
 
 from __future__ import annotations
 
@@ -84,16 +84,20 @@ class Flops:
 @dataclass(frozen=True)
 class Latency:
     """Run in at most this fraction of the dense model's latency, as measured on `runtime` with `threads` CPU
-    threads (None: torch's) at `batch_size`, `repeats` timed runs per table entry."""
+    threads (None: torch's) at `batch_size`, `repeats` timed runs per table entry; the cut spread over the groups
+    as `allocate` says (uniform or sensitivity)."""
 
     fraction: float
     runtime: str = "eager"
     threads: int | None = None
     batch_size: int = 1
     repeats: int = 20
+    allocate: Allocate = "uniform"
 
     def __post_init__(self) -> None:
         _fraction("fraction", self.fraction, zero=False, one=True)
+        if self.allocate not in ("uniform", "sensitivity"):
+            raise BudgetError(f"a latency budget is allocated uniform or sensitivity, got {self.allocate!r}")
         if self.runtime not in RUNTIMES:
             raise BudgetError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         for name, value in (("threads", self.threads), ("batch_size", self.batch_size), ("repeats", self.repeats)):
@@ -158,5 +162,5 @@ def check(
         )
     if processes > 1:
         raise BudgetError(f"{kind[type(budget)]} runs in one process; run it without torchrun")
-    if isinstance(budget, Flops) and budget.allocate == "sensitivity" and not calibration:
+    if isinstance(budget, Flops | Latency) and budget.allocate == "sensitivity" and not calibration:
         raise BudgetError(f"allocating by sensitivity needs {spelling.data}: its curves are measured on its images")

@@ -28,15 +28,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import linecache
 import math
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
+import numpy as np
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
@@ -46,13 +49,15 @@ from ..calibrate import Tap, score_maps
 from ..criteria import L1, ActivationCriterion, Criterion, WeightCriterion, get_criterion
 from ..models import PRUNERS, traceable
 from . import _tracing as tracing
-from . import latency
+from . import allocation, latency
 from ._coupling import LAYERS, Cost, Group, Space, costs, couple, macs_after, removable, removal, remove
 from ._torch_pruning import require_tested
 from .latency import Report, Runner
 
 SCOPES = ("local", "global")
+Measure = Callable[[Cost], Callable[[int, int], float]]  # a layer -> its cost at (output, input) channel counts
 FLOPS_TOLERANCE = 0.02  # flops_target is reached within this fraction of itself
+LATENCY_OPTIONS = 16  # widths a group chooses from in a latency allocation: each is a table entry per layer it feeds
 
 
 @dataclass
@@ -135,24 +140,33 @@ def prune_to_latency(
     criterion: str | Criterion = "chip",
     ignored_layers: Iterable[nn.Module | str] = (),
     importance: dict[str, Tensor] | None = None,
+    curves: Mapping[str, allocation.Curve] | None = None,
     cache: str | None = None,
     progress: bool = False,
 ) -> tuple[nn.Module, Report]:
     """A pruned copy of `model` that runs in at most `latency_target` × the dense model's time as `runner` measures
-    it (chipprune.pruning.latency), and how it went. `cache`: the folder of the latency tables (default CHIP_CACHE_DIR);
-    `progress`: a bar while the table's entries are measured, and a line per whole-model check, on stderr."""
+    it (chipprune.pruning.latency), and how it went. `curves`: each group's sensitivity curve, by its root layer's
+    name (sensitivity.sensitivity_curves): the widths are then those of least predicted damage for the table's time
+    (allocation.allocate), not one fraction for all. `cache`: the folder of the latency tables (default
+    CHIP_CACHE_DIR); `progress`: a bar while the table's entries are measured, and a line per whole-model check, on
+    stderr."""
     if not 0 < latency_target <= 1:
         raise ValueError(f"latency_target is the fraction of the latency to keep, in (0, 1], got {latency_target}")
     names = {m: n for n, m in model.named_modules()}
     analysis = analyse(model, example_inputs, calibration, criterion, ignored_layers, names, importance)
-    order = [ranking(analysis.importance[g.root], g) for g in analysis.groups]
+    orders = [ranking(analysis.importance[g.root], g)[0] for g in analysis.groups]
     sample = tuple(example_inputs.shape[1:])
     shapes = _input_shapes(model, example_inputs)
     layers = {c.out: latency.describe(c.out.node.module, shapes[c.out.node.module]) for c in analysis.costs}
     table = latency.Table.cached(runner, cache)
     dense = runner.time(model, sample)
-    orders = [units for units, _ in order]
     choice = latency.Choice.start(analysis.groups, analysis.costs, layers, table, orders, dense.median_ms)
+    if curves is None:
+        plan = functools.partial(_uniform_plan, choice)
+    else:
+        terms = cost_terms(analysis, orders, lambda c: lambda out, inp: table.ms(layers[c.out], inp, out))
+        chosen = _curves_of(analysis, curves)
+        plan = functools.partial(_allocated_plan, analysis, orders, chosen, terms, dense.median_ms)
     # The search is on the aim, in the table's predicted milliseconds, measured: the target first, then the aim that a
     # line through the measured ratios against the predicted ones puts at the band's middle (a line, not the last
     # two points: a 20 ms model timed on 2 shared cores varied by 10 % from one check to the next).
@@ -161,14 +175,13 @@ def prune_to_latency(
     check = dataclasses.replace(runner, repeats=latency.CHECKS * runner.repeats)
     tried, seen = list[latency.Trial](), set[tuple[int, ...]]()
     for _ in range(latency.ROUNDS):
-        fraction = latency.fraction_for(choice, aim, progress and not tried)
-        latency.choose(choice, fraction, aim)
-        if tuple(choice.removed) in seen:
+        planned = plan(aim, progress and not tried)
+        if planned.widths in seen:
             break  # the correction led back to a choice already measured
-        seen.add(tuple(choice.removed))
-        pruned = checked_prune(model, example_inputs, analysis, choice.cut())
+        seen.add(planned.widths)
+        pruned = checked_prune(model, example_inputs, analysis, planned.cut)
         base, measured = check.times([model, pruned], sample)
-        trial = latency.Trial(measured.median_ms / base.median_ms, base, measured, choice.predict(), pruned)
+        trial = latency.Trial(measured.median_ms / base.median_ms, base, measured, planned.predicted_ms, pruned)
         tried.append(trial)
         if progress:
             tqdm.write(
@@ -178,7 +191,7 @@ def prune_to_latency(
             )
         if latency.BAND * latency_target <= trial.ratio <= latency_target:
             break
-        if trial.ratio > latency_target and fraction >= 1:
+        if trial.ratio > latency_target and planned.at_floor:
             break  # no group can give more
         aim = latency.next_aim(tried, dense.median_ms, middle)
     met = [t for t in tried if t.ratio <= latency_target]
@@ -190,6 +203,53 @@ def prune_to_latency(
         best.dense, best.pruned, best.predicted_ms, latency_target * best.dense.median_ms, len(tried), table.measured
     )
     return best.model.train(model.training), report
+
+
+class _Plan(NamedTuple):
+    """A round's choice: the channels removed, the table's prediction, the units each group keeps (to know the
+    choice again), and whether every group is at its floor."""
+
+    cut: dict[Space, list[int]]
+    predicted_ms: float
+    widths: tuple[int, ...]
+    at_floor: bool
+
+
+def _uniform_plan(choice: latency.Choice, aim_ms: float, progress: bool) -> _Plan:
+    """Every group gives up the same fraction, the least predicted at `aim_ms`, then takes back what fits."""
+    fraction = latency.fraction_for(choice, aim_ms, progress)
+    latency.choose(choice, fraction, aim_ms)
+    return _Plan(choice.cut(), choice.predict(), tuple(choice.removed), fraction >= 1)
+
+
+def _allocated_plan(
+    analysis: Analysis, orders: list[list[int]], curves: list[allocation.Curve], terms: list[allocation.Term],
+    dense_ms: float, aim_ms: float, progress: bool,
+) -> _Plan:  # fmt: skip
+    """The widths of least predicted damage whose table time, scaled to the dense model's measured time, is at most
+    `aim_ms`; every group at its floor where even that predicts more. The table's entries are measured as the
+    allocation asks for them (LATENCY_OPTIONS widths a group: a bar would not know its total)."""
+    fraction, at_floor = min(1.0, aim_ms / dense_ms), False
+    try:
+        chosen = allocation.allocate(curves, terms, fraction, floor=latency.FLOOR, options=LATENCY_OPTIONS)
+    except allocation.BudgetError as e:
+        # The floor's own cost, a hair above it for the rounding of fraction x dense cost.
+        fraction, at_floor = min(1.0, e.reachable * (1 + 1e-9)), True
+        chosen = allocation.allocate(curves, terms, fraction, floor=latency.FLOOR, options=LATENCY_OPTIONS)
+    cut = removal(analysis.groups, [order[: len(order) - k] for order, k in zip(orders, chosen.kept, strict=True)])
+    return _Plan(cut, chosen.fraction * dense_ms, tuple(chosen.kept), at_floor)
+
+
+def _curves_of(analysis: Analysis, curves: Mapping[str, allocation.Curve]) -> list[allocation.Curve]:
+    """The curve of each of the analysis's groups; ValueError where one is missing or is of another width."""
+    found = []
+    for g in analysis.groups:
+        curve = curves.get(g.root)
+        if curve is None or curve.units != len(g.units):
+            what = "no curve" if curve is None else f"a curve of {curve.units} units, not {len(g.units)}"
+            raise ValueError(f"curves: {what} for the group of {g.root}: curves of another model")
+        found.append(curve)
+    return found
 
 
 def _floor_trial(
@@ -631,6 +691,24 @@ def _search(
         stacklevel=3,
     )
     return best
+
+
+def cost_terms(analysis: Analysis, orders: list[list[int]], measure: Measure) -> list[allocation.Term]:
+    """The cost of every layer of the graph as a function of the units each group removes."""
+    spaces = {s for c in analysis.costs for s in (c.out, c.inp)}
+    taken: dict[Space, dict[int, list[int]]] = {}
+    for g, (group, order) in enumerate(zip(analysis.groups, orders, strict=True)):
+        per_unit = [Counter(s for p in group.units[u] for s, _ in group.classes[p] if s in spaces) for u in order]
+        for space in set().union(*per_unit) if per_unit else ():
+            taken.setdefault(space, {})[g] = [0, *np.cumsum([c[space] for c in per_unit]).tolist()]
+    return [
+        allocation.Term(
+            allocation.Channels(c.out_channels, taken.get(c.out, {})),
+            allocation.Channels(c.in_channels, taken.get(c.inp, {})),
+            measure(c),
+        )
+        for c in analysis.costs
+    ]
 
 
 def _pruned(model: nn.Module, analysis: Analysis, cut: dict[Space, list[int]], on_meta: bool = False) -> nn.Module:

@@ -21,12 +21,10 @@ import math
 import os
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,14 +34,16 @@ from ..calibrate import recalibrate_bn
 from ..files.fileio import atomic_write, cache_root
 from ..training.precision import FLOAT32, Precision
 from . import allocation, graph
-from ._coupling import Cost, Space, removal
+from ._coupling import Cost, removal
 from .allocation import FLOOR, Allocation, Channels, Term
+from .graph import Measure
 
 RATIOS = (0.25, 0.5, 0.75, 0.9)  # fractions of a group's units removed, one measurement each
+RECALIBRATION_IMAGES, EVALUATION_IMAGES = 256, 1024  # a sample's two parts (results/sensitivity)
+SENSITIVITY_IMAGES = RECALIBRATION_IMAGES + EVALUATION_IMAGES
 SIGNALS = ("loss", "top1")  # what the damage is: the loss increment, or the top-1 drop (points)
 FORMAT = "chipprune-sensitivity/1"
 Batch = tuple[Tensor, Tensor]
-Measure = Callable[[Cost], Callable[[int, int], float]]  # a layer -> its cost at (output, input) channel counts
 
 
 class Sample(NamedTuple):
@@ -96,7 +96,9 @@ class Pruned(NamedTuple):
     curves: Curves
 
 
-def split_sample(batches: Iterable[Batch], recalibration: int = 256, evaluation: int = 1024) -> Sample:
+def split_sample(
+    batches: Iterable[Batch], recalibration: int = RECALIBRATION_IMAGES, evaluation: int = EVALUATION_IMAGES
+) -> Sample:
     """A Sample of the first `recalibration` images of `batches` and the `evaluation` after them (what
     results/sensitivity measured ResNet-56 with: 256 and 1,024 training images after the 640 scored)."""
     sizes, parts = [recalibration, evaluation], [list[Batch](), list[Batch]()]
@@ -193,7 +195,7 @@ def prune_by_sensitivity(
     )
     orders = _orders(analysis)
     fixed = _fixed(model, analysis, cost)
-    terms = _terms(analysis, orders, cost) + [Term(Channels(0, {}), Channels(0, {}), lambda out, inp: fixed)]
+    terms = graph.cost_terms(analysis, orders, cost) + [Term(Channels(0, {}), Channels(0, {}), lambda out, inp: fixed)]
     chosen = allocation.allocate(
         [c.curve(curves.dense, signal) for c in curves.groups], terms, fraction, round_to=round_to, floor=floor
     )
@@ -216,20 +218,6 @@ def _analysis(
 def _orders(analysis: graph.Analysis) -> list[list[int]]:
     """Each group's units, the least important first (the order pruning removes them in)."""
     return [graph.ranking(analysis.importance[g.root], g)[0] for g in analysis.groups]
-
-
-def _terms(analysis: graph.Analysis, orders: list[list[int]], measure: Measure) -> list[Term]:
-    """The cost of every layer of the graph as a function of the units each group removes."""
-    spaces = {s for c in analysis.costs for s in (c.out, c.inp)}
-    taken: dict[Space, dict[int, list[int]]] = {}
-    for g, (group, order) in enumerate(zip(analysis.groups, orders, strict=True)):
-        per_unit = [Counter(s for p in group.units[u] for s, _ in group.classes[p] if s in spaces) for u in order]
-        for space in set().union(*per_unit) if per_unit else ():
-            taken.setdefault(space, {})[g] = [0, *np.cumsum([c[space] for c in per_unit]).tolist()]
-    return [
-        Term(Channels(c.out_channels, taken.get(c.out, {})), Channels(c.in_channels, taken.get(c.inp, {})), measure(c))
-        for c in analysis.costs
-    ]
 
 
 def _fixed(model: nn.Module, analysis: graph.Analysis, measure: Measure) -> float:
@@ -278,7 +266,7 @@ def _curves(
     todo = [g for g, group in enumerate(groups) if group.root not in stored]
     total = sum(len(expected[groups[g].root]) for g in todo) + (dense is None)
     begin, measured = time.perf_counter(), 0
-    with tqdm(total=total, desc="sensitivity", unit="point", disable=not progress) as bar:
+    with tqdm(total=total, desc="sensitivity", unit="point", disable=not progress or not total) as bar:
         if dense is None:
             dense = _held_out(copy.deepcopy(model), sample, precision, 0)
             measured += 1
