@@ -116,6 +116,7 @@ def test_calibration_from_chipprunes_data_is_the_clis(capsys, tmp_path, models):
         (lambda: Flops(0.5, allocate="everywhere"), "allocate must be one of"),
         (lambda: Flops(0.5, round_to=0), "round_to must be a whole number"),
         (lambda: Latency(0.5, runtime="tensorrt"), "runtime must be one of"),
+        (lambda: Latency(0.5, allocate="global"), "a latency budget is allocated uniform or sensitivity"),
         (lambda: Latency(0.5, threads=0), "threads must be"),
         (lambda: Sparsity(""), "a sparsity is a preset name"),
     ],
@@ -132,6 +133,12 @@ def test_a_budget_checks_itself_when_built(make, message):
         (Sparsity("paper-1"), {"recalibrate_bn": 2, "criterion": "l1"}, "recalibrate_bn needs calibration"),
         (Sparsity("paper-1"), {}, "calibration is needed to score with chip"),
         (Flops(0.5, allocate="sensitivity"), {"criterion": "l1"}, "allocating by sensitivity needs calibration"),
+        (Latency(0.5, allocate="sensitivity"), {"criterion": "l1"}, "allocating by sensitivity needs calibration"),
+        (
+            Flops(0.5, allocate="sensitivity"),
+            {"criterion": "l1", "calibration": [torch.zeros(2, 3, 32, 32)] * 8},
+            "allocating by sensitivity needs labels: calibration batches as (inputs, targets)",
+        ),
         (Sparsity("paper-1"), {"residual": "sideways", "criterion": "l1"}, "residual must be one of"),
     ],
 )

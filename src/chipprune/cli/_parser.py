@@ -215,7 +215,7 @@ def _prune(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         help="with --flops-target, --ratio or --latency-target, how the cut is spread over the groups: uniform (one "
         "ratio for every group), global (one ranking of all groups' scores, as --global; not with --latency-target) "
         "or, with --flops-target or --latency-target, sensitivity (each group's width chosen by its measured loss when "
-        "pruned alone; needs --data; docs/any-cnn.md) (default: uniform)",
+        "pruned alone; needs --data; docs/any-cnn.md, Budgets) (default: uniform)",
     )
     p.add_argument(
         "--round-to",
