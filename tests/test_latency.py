@@ -174,6 +174,35 @@ def test_chip_prune_allocates_a_latency_target_by_sensitivity_and_reuses_the_cur
     assert not (tmp_path / "x.pt").exists()
 
 
+@pytest.mark.parametrize("stale", [False, True])
+def test_a_cached_table_whose_entries_no_longer_agree_with_each_other_is_measured_again(tmp_path, monkeypatch, stale):
+    monkeypatch.setattr(latency.Runner, "times", machine(0.01, 1.0))  # every layer timed as synthetic_ms
+    model, x = net(), torch.randn(4, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune_to_latency(model, x[:1], [x], 0.5, Runner(), cache=str(tmp_path))
+    path = next((tmp_path / "latency").iterdir())
+    today = json.loads(path.read_text())
+
+    # Uniformly 3x slower (a load that slowed everything alike), or the 32-channel outputs 5x and the rest as today (a
+    # load that came and went while the table was measured): the dense model's first conv is one of them.
+    def factor(key: str) -> float:
+        return (5.0 if key != "call" and json.loads(key)[-1] == 32 else 1.0) if stale else 3.0
+
+    planted = {k: [t * factor(k) for t in v] for k, v in today.items()}
+    path.write_text(json.dumps(planted))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune_to_latency(model, x[:1], [x], 0.5, Runner(), cache=str(tmp_path))
+    said = [str(w.message) for w in caught if "measuring it again" in str(w.message)]
+    kept = json.loads(path.read_text())
+    if stale:
+        assert len(said) == 1 and str(path) in said[0] and "their cached times" in said[0], said
+        assert all(kept[k] == today[k] for k in kept if k in today)  # measured again: today's times, not the planted
+    else:
+        assert said == [] and all(kept[k] == planted[k] for k in planted)  # one multiple of today's: kept as cached
+
+
 def test_the_next_aim_is_where_a_line_through_the_checks_meets_the_ratio():
     def check(predicted: float, ratio: float) -> latency.Trial:  # against a dense model of 10 ms
         return latency.Trial(ratio, None, None, 10 * predicted, None)

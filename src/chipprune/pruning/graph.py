@@ -159,6 +159,7 @@ def prune_to_latency(
     shapes = _input_shapes(model, example_inputs)
     layers = {c.out: latency.describe(c.out.node.module, shapes[c.out.node.module]) for c in analysis.costs}
     table = latency.Table.cached(runner, cache)
+    table.recheck([(layers[c.out], c.in_channels, c.out_channels) for c in analysis.costs])
     dense = runner.time(model, sample)
     choice = latency.Choice.start(analysis.groups, analysis.costs, layers, table, orders, dense.median_ms)
     if curves is None:

@@ -8,7 +8,8 @@ latency is measured, never assumed:
   for (a conv with a BatchNorm and a ReLU after it), is timed on the runtime (median of repeats after warm-up, with
   its spread), once: the table is cached on disk (CHIP_CACHE_DIR/latency, one JSON file per runtime, device,
   threads, batch size and machine: processor and library versions; a layer's entry is keyed by its kind, kernel,
-  stride, padding, groups, input size and channel counts). Layers of the same shape share entries.
+  stride, padding, groups, input size and channel counts). Layers of the same shape share entries. A cached table
+  whose entries, timed again, no longer agree with each other (measured under another load) is measured again.
 - **the choice**: every group gives up the same fraction of its channels, the least important by CHIP first, then
   groups take channels back (a unit, an aligned count or a part of those removed at a time), the cheapest per unit
   first, while the prediction still meets the aim: a count the hardware runs fast can take less time than a smaller
@@ -63,6 +64,12 @@ CHECKS = 3  # a whole-model check times CHECKS x --repeats runs of each model: i
 FLOOR = 0.2
 BAND = 0.95  # a measured latency within [BAND x target, target] ends the search; below it, the choice backs off
 KINDS = ("conv", "depthwise", "linear")  # a Layer's kinds
+# A cached table is trusted where the dense model's entries, timed again, run one multiple of their cached times. A
+# ResNet-56 table (onnxruntime, batch 64) cached under the recovery study's load had them at 2.1x to 7.0x today's on the
+# idle 2-core Xeon, and the search predicted 0.12x for a model measured at 0.48x; a table measured idle and timed again
+# under that load spread 0.45x to 0.96x (batch 1: 0.81x to 1.2x).
+RECHECK = 8  # entries timed again at most
+STALE = 2.5  # the most their cached/today ratios may spread (highest over lowest)
 TABLE_LIMIT = 64 << 20  # bytes of a cached table at most: ResNet-56's, batch 64 under onnxruntime, is 60 kB
 
 
@@ -297,10 +304,36 @@ class Table:
         against 0.05 ms for a 16-channel 3x3 conv at 32x32)."""
         key = json.dumps([*layer, inputs, outputs])
         if key not in self.entries:
-            sample = (inputs, *layer.size) if layer.kind != "linear" else (inputs,)
-            self.entries[key] = self.runner.time(layer.build(inputs, outputs), sample)
-            self.measured += 1
+            self.entries[key] = self._time(key)
         return max(0.0, self.entries[key].median_ms - self.call_ms())
+
+    def recheck(self, wanted: list[tuple[Layer, int, int]]) -> None:
+        """Time again the cached entries of `wanted` (layer, inputs, outputs; RECHECK at most); where the cached
+        times are not one multiple of today's (their ratios spread by more than STALE), drop every cached entry, with
+        a warning: a table measured under another load misleads every prediction made from it, where a load that
+        slowed every entry alike is harmless (the prediction is scaled by the whole model's measured time)."""
+        keys = [k for k in dict.fromkeys(json.dumps([*layer, i, o]) for layer, i, o in wanted) if k in self.entries]
+        keys = keys[:RECHECK]
+        if len(keys) < 2:
+            return
+        fresh = {key: self._time(key) for key in keys}
+        ratios = [self.entries[k].median_ms / fresh[k].median_ms for k in keys]
+        if max(ratios) <= STALE * min(ratios):
+            return
+        warnings.warn(
+            f"latency table {self.path}: {len(keys)} of its entries timed again ran {min(ratios):.2f}x to "
+            f"{max(ratios):.2f}x their cached times (measured under another load?); measuring it again",
+            stacklevel=2,
+        )
+        self.entries = fresh
+
+    def _time(self, key: str) -> Timing:
+        """Time the entry of a key (a Layer's fields and the channel counts, as JSON)."""
+        kind, kernel, stride, padding, dilation, groups, size, inputs, outputs = json.loads(key)
+        layer = Layer(kind, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation), groups, tuple(size))
+        sample = (inputs, *layer.size) if layer.kind != "linear" else (inputs,)
+        self.measured += 1
+        return self.runner.time(layer.build(inputs, outputs), sample)
 
     def call_ms(self) -> float:
         """The median milliseconds of a call that runs no layer (nn.Identity on one value): a layer's own
