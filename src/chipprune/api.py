@@ -329,7 +329,8 @@ def _sensitivity_sample(mf: ModelFile, source: Calibration, seed: int, spelling:
         f"{SENSITIVITY_IMAGES}: the curves are noisier",
         stacklevel=2,
     )
-    return split_sample(batches, max(1, images // 5), images - max(1, images // 5))
+    recalibration = max(1, images // 5)
+    return split_sample(batches, recalibration, images - recalibration)
 
 
 def _sensitivity_pruned(

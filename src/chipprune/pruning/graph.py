@@ -220,7 +220,8 @@ def _uniform_plan(choice: latency.Choice, aim_ms: float, progress: bool) -> _Pla
     """Every group gives up the same fraction, the least predicted at `aim_ms`, then takes back what fits."""
     fraction = latency.fraction_for(choice, aim_ms, progress)
     latency.choose(choice, fraction, aim_ms)
-    return _Plan(choice.cut(), choice.predict(), tuple(choice.removed), fraction >= 1)
+    kept = tuple(len(order) - n for order, n in zip(choice.orders, choice.removed, strict=True))
+    return _Plan(choice.cut(), choice.predict(), kept, fraction >= 1)
 
 
 def _allocated_plan(
